@@ -1,0 +1,436 @@
+//! Experiment configuration: built-in defaults < YAML file < `--set` overrides.
+//!
+//! Every section rejects unknown keys, and a YAML error carries the line and
+//! column, so a typo is caught before any work starts. `${VAR}` in path values
+//! expands from the environment; `LLM_ESR_DATA` and `LLM_ESR_MODELS` default to
+//! `../shared/datasets` and `../shared/models` when those exist.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context, Result};
+use serde::{Deserialize, Serialize};
+
+// TEMP until llm-esr-prep lands its config types.
+type PrepareConfig = serde_yaml::Value;
+type EmbedConfig = serde_yaml::Value;
+type LongTailConfig = serde_yaml::Value;
+
+/// An error in the user's configuration or command line: exit code 2.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn config_error(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(ConfigError(msg.into()))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Experiment name; the run directory is `<output_dir>/<name>`.
+    pub name: String,
+    pub output_dir: String,
+    /// Fixes initialisation, data order, negatives and dropout.
+    pub seed: u64,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    pub eval: EvalConfig,
+    pub plugins: PluginsConfig,
+    pub distributed: DistributedConfig,
+    /// Raw data -> prepared dataset (`llm-esr-orch prepare`).
+    pub prepare: PrepareConfig,
+    /// Prepared dataset -> semantic artifacts (`llm-esr-orch embed`).
+    pub embed: EmbedConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            name: "experiment".into(),
+            output_dir: "runs".into(),
+            seed: 42,
+            data: DataConfig::default(),
+            model: ModelConfig::default(),
+            train: TrainConfig::default(),
+            eval: EvalConfig::default(),
+            plugins: PluginsConfig::default(),
+            distributed: DistributedConfig::default(),
+            prepare: serde_yaml::Value::Null,
+            embed: serde_yaml::Value::Null,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// A prepared dataset directory: `inter.txt` (+ optional `item_text.tsv`).
+    pub dir: String,
+    /// Inputs keep their last `max_len` items.
+    pub max_len: usize,
+    /// Pad every batch to `max_len` instead of its longest sequence. Results are
+    /// identical under the masked encoder; only the unmasked (faithful) encoder
+    /// sees the difference.
+    pub pad_to_max_len: bool,
+    pub long_tail: LongTailConfig,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            dir: "${LLM_ESR_DATA}/beauty5_tiny".into(),
+            max_len: 200,
+            pad_to_max_len: false,
+            long_tail: serde_yaml::Value::Null,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Variant {
+    /// Collaborative view only, random initialisation.
+    Plain,
+    /// Collaborative view only, initialised from the PCA of the LLM embeddings.
+    Llminit,
+    /// The full dual-view model with self-distillation.
+    Llmesr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    pub variant: Variant,
+    /// Backbone plugin name.
+    pub backbone: String,
+    /// Hidden size d.
+    pub hidden: usize,
+    pub dropout: f32,
+    /// The backbone plugin's own settings (free-form; the plugin checks them).
+    pub encoder: serde_yaml::Value,
+    /// Fusion plugin name and settings (LLM-ESR only).
+    pub fusion: String,
+    pub fusion_config: serde_yaml::Value,
+    /// Retrieval plugin name and settings (LLM-ESR only).
+    pub retrieval: String,
+    pub retrieval_config: serde_yaml::Value,
+    /// Directory of the semantic artifacts (`llm-esr-orch embed`).
+    pub artifacts: String,
+    /// Weight of the self-distillation loss.
+    pub alpha: f32,
+    /// Ablation switches (LLM-ESR only).
+    pub co_view: bool,
+    pub se_view: bool,
+    pub distill: bool,
+    pub share_encoder: bool,
+    pub cross_attention: bool,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            variant: Variant::Plain,
+            backbone: "sasrec".into(),
+            hidden: 64,
+            dropout: 0.5,
+            encoder: serde_yaml::Value::Mapping(Default::default()),
+            fusion: "cross-attention".into(),
+            fusion_config: serde_yaml::Value::Mapping(Default::default()),
+            retrieval: "semantic-knn".into(),
+            retrieval_config: serde_yaml::Value::Mapping(Default::default()),
+            artifacts: String::new(),
+            alpha: 0.1,
+            co_view: true,
+            se_view: true,
+            distill: true,
+            share_encoder: true,
+            cross_attention: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    /// Global batch size (split across ranks).
+    pub batch_size: usize,
+    pub lr: f64,
+    pub adam_betas: [f64; 2],
+    pub adam_eps: f64,
+    pub weight_decay: f64,
+    /// Stop after this many epochs without strict improvement of the
+    /// validation metric; 0 disables early stopping.
+    pub patience: usize,
+    /// `cpu`, or `cuda` / `cuda:N` with the `cuda` build feature.
+    pub device: String,
+    /// Write a checkpoint every epoch (needed for `--resume`).
+    pub checkpoint: bool,
+    /// Stop after this many training steps in total (benchmarks); 0 = no limit.
+    pub max_steps: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 200,
+            batch_size: 128,
+            lr: 1e-3,
+            adam_betas: [0.9, 0.999],
+            adam_eps: 1e-8,
+            weight_decay: 0.0,
+            patience: 20,
+            device: "cpu".into(),
+            checkpoint: true,
+            max_steps: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalMode {
+    /// The target among `negatives` uniformly sampled items (official protocol).
+    Sampled,
+    /// The target among all items the user has not interacted with.
+    Full,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    pub mode: EvalMode,
+    pub negatives: usize,
+    pub ks: Vec<usize>,
+    /// Validation metric for early stopping and best-model selection.
+    pub metric: String,
+    /// Users per evaluation batch.
+    pub batch_size: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            mode: EvalMode::Sampled,
+            negatives: 100,
+            ks: vec![5, 10, 20],
+            metric: "NDCG@10".into(),
+            batch_size: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Extra directories searched for plugins (before LLM_ESR_PLUGIN_PATH and
+    /// the binary's own directory).
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedConfig {
+    /// `auto` (MPI under a launcher, single otherwise), `single`, `mpi`, `nccl`.
+    pub backend: String,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        DistributedConfig {
+            backend: "auto".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults < `path` < `overrides` (`a.b=value`, value parsed as YAML).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| config_error(format!("cannot read config {}: {e}", path.display())))?;
+        let mut cfg: Config = serde_yaml::from_str(&text)
+            .map_err(|e| config_error(format!("config {}: {e}", path.display())))?;
+        for ov in overrides {
+            cfg = cfg.with_override(ov)?;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Applies one `a.b.c=value` override.
+    pub fn with_override(&self, ov: &str) -> Result<Config> {
+        let (key, value) = ov.split_once('=').ok_or_else(|| {
+            config_error(format!(
+                "--set {ov}: expected KEY=VALUE, e.g. train.epochs=5"
+            ))
+        })?;
+        let value: serde_yaml::Value = serde_yaml::from_str(value)
+            .map_err(|e| config_error(format!("--set {key}: value is not valid YAML: {e}")))?;
+        let mut tree = serde_yaml::to_value(self)?;
+        let mut node = &mut tree;
+        let parts: Vec<&str> = key.split('.').collect();
+        for (i, part) in parts.iter().enumerate() {
+            let map = node.as_mapping_mut().ok_or_else(|| {
+                config_error(format!(
+                    "--set {key}: `{}` is not a section",
+                    parts[..i].join(".")
+                ))
+            })?;
+            let k = serde_yaml::Value::String(part.to_string());
+            if i + 1 == parts.len() {
+                map.insert(k, value.clone());
+                break;
+            }
+            if !map.contains_key(&k) {
+                map.insert(k.clone(), serde_yaml::Value::Mapping(Default::default()));
+            }
+            node = map.get_mut(&k).expect("inserted above");
+        }
+        serde_yaml::from_value(tree).map_err(|e| config_error(format!("--set {key}: {e}")))
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |key: &str, why: &str| Err(config_error(format!("config key `{key}`: {why}")));
+        if self.name.is_empty() || self.name.contains('/') {
+            return bad("name", "must be a non-empty name without `/`");
+        }
+        if self.data.max_len == 0 {
+            return bad("data.max_len", "must be at least 1");
+        }
+        if self.model.hidden == 0 {
+            return bad("model.hidden", "must be at least 1");
+        }
+        if !(0.0..1.0).contains(&self.model.dropout) {
+            return bad("model.dropout", "must be in [0, 1)");
+        }
+        if self.train.batch_size == 0 {
+            return bad("train.batch_size", "must be at least 1");
+        }
+        if self.train.lr <= 0.0 {
+            return bad("train.lr", "must be positive");
+        }
+        if self.eval.ks.is_empty() || self.eval.ks.contains(&0) {
+            return bad("eval.ks", "must list positive cut-offs, e.g. [5, 10, 20]");
+        }
+        if self.eval.mode == EvalMode::Sampled && self.eval.negatives == 0 {
+            return bad(
+                "eval.negatives",
+                "must be at least 1 for sampled evaluation",
+            );
+        }
+        let metric_ok = self.eval.metric.split_once('@').is_some_and(|(m, k)| {
+            (m == "NDCG" || m == "HR")
+                && k.parse::<usize>().is_ok_and(|k| self.eval.ks.contains(&k))
+        });
+        if !metric_ok {
+            return bad(
+                "eval.metric",
+                "must be HR@K or NDCG@K with K listed in eval.ks",
+            );
+        }
+        if !["auto", "single", "mpi", "nccl"].contains(&self.distributed.backend.as_str()) {
+            return bad(
+                "distributed.backend",
+                "must be one of auto, single, mpi, nccl",
+            );
+        }
+        Ok(())
+    }
+
+    /// The run directory `<output_dir>/<name>`, with `${VAR}` expanded.
+    pub fn run_dir(&self) -> Result<PathBuf> {
+        Ok(PathBuf::from(expand_env("output_dir", &self.output_dir)?).join(&self.name))
+    }
+
+    pub fn data_dir(&self) -> Result<PathBuf> {
+        Ok(PathBuf::from(expand_env("data.dir", &self.data.dir)?))
+    }
+
+    pub fn artifacts_dir(&self) -> Result<PathBuf> {
+        if self.model.artifacts.is_empty() {
+            return Err(config_error(
+                "config key `model.artifacts` is empty: set it to the directory written by `llm-esr-orch embed`",
+            ));
+        }
+        Ok(PathBuf::from(expand_env(
+            "model.artifacts",
+            &self.model.artifacts,
+        )?))
+    }
+
+    pub fn to_yaml(&self) -> Result<String> {
+        Ok(serde_yaml::to_string(self)?)
+    }
+}
+
+/// Default for a variable when unset: a directory beside the project, if present.
+fn env_default(var: &str) -> Option<String> {
+    let sub = match var {
+        "LLM_ESR_DATA" => "datasets",
+        "LLM_ESR_MODELS" => "models",
+        _ => return None,
+    };
+    let candidates = [
+        PathBuf::from("../shared").join(sub),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared")
+            .join(sub),
+    ];
+    candidates
+        .into_iter()
+        .find(|p| p.is_dir())
+        .map(|p| p.canonicalize().unwrap_or(p).display().to_string())
+}
+
+/// Expands `${VAR}` in the value of config key `key`.
+pub fn expand_env(key: &str, value: &str) -> Result<String> {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}').ok_or_else(|| {
+            config_error(format!("config key `{key}`: unclosed `${{` in `{value}`"))
+        })?;
+        let var = &rest[start + 2..start + end];
+        let val = std::env::var(var)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .or_else(|| env_default(var));
+        match val {
+            Some(v) => out.push_str(&v),
+            None => {
+                return Err(config_error(format!(
+                    "config key `{key}` uses ${{{var}}}, which is not set: export {var}=<directory>"
+                )))
+            }
+        }
+        rest = &rest[start + end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The YAML of a free-form plugin section as JSON for the plugin.
+pub fn plugin_section(value: &serde_yaml::Value) -> Result<serde_json::Value> {
+    serde_json::to_value(value).context("plugin configuration section is not representable as JSON")
+}
+
+pub fn is_config_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<ConfigError>().is_some())
+}
+
+pub fn ensure(cond: bool, msg: impl Into<String>) -> Result<()> {
+    if cond {
+        Ok(())
+    } else {
+        Err(anyhow!(msg.into()))
+    }
+}

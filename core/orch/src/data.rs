@@ -1,0 +1,294 @@
+//! Prepared datasets: reading `inter.txt`, the leave-one-out split, padded
+//! batches and seeded negative sampling.
+//!
+//! `inter.txt` holds one `user item` pair per line, each user's lines in time
+//! order, ids from 1. Split per user: train = `seq[:-2]`, validation target =
+//! `seq[-2]`, test target = `seq[-1]`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use llm_esr_runtime::Rng;
+
+pub struct Dataset {
+    pub dir: PathBuf,
+    pub num_users: usize,
+    pub num_items: usize,
+    /// `seqs[u - 1]` is user u's full sequence.
+    pub seqs: Vec<Vec<u32>>,
+    /// Each user's items, sorted, for membership tests.
+    history: Vec<Vec<u32>>,
+    /// Number of distinct users having each item (index = item id).
+    pub popularity: Vec<u32>,
+}
+
+impl Dataset {
+    pub fn load(dir: &Path) -> Result<Dataset> {
+        let path = dir.join("inter.txt");
+        let file = std::fs::File::open(&path).with_context(|| {
+            format!(
+                "cannot open {}: point `data.dir` at a prepared dataset (run `llm-esr-orch prepare CONFIG` to make one)",
+                path.display()
+            )
+        })?;
+        let mut seqs: Vec<Vec<u32>> = Vec::new();
+        let mut num_items = 0usize;
+        for (i, line) in BufReader::new(file).lines().enumerate() {
+            let lineno = i + 1;
+            let line =
+                line.with_context(|| format!("{}:{lineno}: cannot read line", path.display()))?;
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            let mut fields = line.split_whitespace();
+            let (Some(u), Some(it), None) = (fields.next(), fields.next(), fields.next()) else {
+                bail!(
+                    "{}:{lineno}: expected `user item`, found `{line}`",
+                    path.display()
+                );
+            };
+            let parse = |s: &str, what: &str| -> Result<u32> {
+                match s.parse::<u32>() {
+                    Ok(v) if v >= 1 => Ok(v),
+                    _ => bail!(
+                        "{}:{lineno}: {what} id `{s}` is not a positive integer (ids start at 1; remap raw ids with `llm-esr-orch prepare`)",
+                        path.display()
+                    ),
+                }
+            };
+            let u = parse(u, "user")? as usize;
+            let it = parse(it, "item")?;
+            if seqs.len() < u {
+                seqs.resize(u, Vec::new());
+            }
+            seqs[u - 1].push(it);
+            num_items = num_items.max(it as usize);
+        }
+        if seqs.is_empty() {
+            bail!("{}: no interactions", path.display());
+        }
+        if let Some(u) = seqs.iter().position(|s| s.is_empty()) {
+            bail!(
+                "{}: user {} has no interactions (user ids must be 1..N without gaps; remap with `llm-esr-orch prepare`)",
+                path.display(),
+                u + 1
+            );
+        }
+        let history: Vec<Vec<u32>> = seqs
+            .iter()
+            .map(|s| {
+                let mut h = s.clone();
+                h.sort_unstable();
+                h.dedup();
+                h
+            })
+            .collect();
+        let mut popularity = vec![0u32; num_items + 1];
+        for h in &history {
+            for &it in h {
+                popularity[it as usize] += 1;
+            }
+        }
+        Ok(Dataset {
+            dir: dir.to_path_buf(),
+            num_users: seqs.len(),
+            num_items,
+            seqs,
+            history,
+            popularity,
+        })
+    }
+
+    pub fn num_interactions(&self) -> usize {
+        self.seqs.iter().map(Vec::len).sum()
+    }
+
+    /// Training part `seq[:-2]` of user index `u` (0-based).
+    pub fn train_seq(&self, u: usize) -> &[u32] {
+        let s = &self.seqs[u];
+        &s[..s.len().saturating_sub(2)]
+    }
+
+    /// Users (0-based) that can be evaluated: at least one input item.
+    pub fn eval_users(&self) -> Vec<u32> {
+        (0..self.num_users as u32)
+            .filter(|&u| self.seqs[u as usize].len() >= 3)
+            .collect()
+    }
+
+    /// Input and target for evaluation of user `u` on `split`.
+    pub fn eval_case(&self, u: usize, split: Split) -> (&[u32], u32) {
+        let s = &self.seqs[u];
+        let n = s.len();
+        match split {
+            Split::Valid => (&s[..n - 2], s[n - 2]),
+            Split::Test => (&s[..n - 1], s[n - 1]),
+        }
+    }
+
+    pub fn has_item(&self, u: usize, item: u32) -> bool {
+        self.history[u].binary_search(&item).is_ok()
+    }
+
+    pub fn history(&self, u: usize) -> &[u32] {
+        &self.history[u]
+    }
+
+    /// A uniform item the user never interacted with.
+    pub fn sample_negative(&self, u: usize, rng: &mut Rng) -> u32 {
+        if self.history[u].len() >= self.num_items {
+            // Degenerate: the user has every item. Any item is as good as none.
+            return 1 + rng.below(self.num_items as u64) as u32;
+        }
+        loop {
+            let it = 1 + rng.below(self.num_items as u64) as u32;
+            if !self.has_item(u, it) {
+                return it;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Valid,
+    Test,
+}
+
+impl Split {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Split::Valid => "valid",
+            Split::Test => "test",
+        }
+    }
+}
+
+/// Left-padded id sequences, row-major (b, l), 0 = padding.
+#[derive(Debug, Clone)]
+pub struct Padded {
+    pub ids: Vec<u32>,
+    pub mask: Vec<f32>,
+    pub b: usize,
+    pub l: usize,
+}
+
+impl Padded {
+    /// Keeps each sequence's last `max_len` items and pads on the left to the
+    /// longest one (or to `max_len` when `to_max_len`).
+    pub fn new(seqs: &[&[u32]], max_len: usize, to_max_len: bool) -> Padded {
+        let longest = seqs
+            .iter()
+            .map(|s| s.len().min(max_len))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let l = if to_max_len { max_len } else { longest };
+        let b = seqs.len();
+        let mut ids = vec![0u32; b * l];
+        let mut mask = vec![0f32; b * l];
+        for (r, s) in seqs.iter().enumerate() {
+            let s = &s[s.len().saturating_sub(l)..];
+            let off = r * l + (l - s.len());
+            ids[off..off + s.len()].copy_from_slice(s);
+            mask[off..off + s.len()].iter_mut().for_each(|m| *m = 1.0);
+        }
+        Padded { ids, mask, b, l }
+    }
+}
+
+/// Ranking-loss targets aligned with a padded input: `pos[k]` is the item to
+/// predict at flat position k (0 = no loss there) and `neg[k]` its negative.
+#[derive(Debug, Clone)]
+pub struct Targets {
+    pub pos: Vec<u32>,
+    pub neg: Vec<u32>,
+}
+
+impl Targets {
+    pub fn count(&self) -> usize {
+        self.pos.iter().filter(|&&p| p != 0).count()
+    }
+}
+
+/// Users (0-based) that have at least one training target.
+pub fn trainable_users(ds: &Dataset) -> Vec<u32> {
+    (0..ds.num_users as u32)
+        .filter(|&u| ds.train_seq(u as usize).len() >= 2)
+        .collect()
+}
+
+/// Seed of the per-user stream of an epoch: the same user draws the same
+/// negatives whichever rank or batch it lands in.
+pub fn user_stream(seed: u64, epoch: usize, user: u32) -> Rng {
+    Rng::derive(
+        seed ^ 0x7472_6169_6e00_0000 ^ ((epoch as u64) << 32),
+        user as u64,
+    )
+}
+
+/// Next-item training batch: input `train[:-1]`, targets `train[1:]` at every
+/// position (`all_positions`) or at the last one only.
+pub fn next_item_batch(
+    ds: &Dataset,
+    users: &[u32],
+    max_len: usize,
+    to_max_len: bool,
+    all_positions: bool,
+    seed: u64,
+    epoch: usize,
+) -> (Padded, Targets) {
+    let inputs: Vec<&[u32]> = users
+        .iter()
+        .map(|&u| {
+            let t = ds.train_seq(u as usize);
+            &t[..t.len() - 1]
+        })
+        .collect();
+    let padded = Padded::new(&inputs, max_len, to_max_len);
+    let l = padded.l;
+    let mut pos = vec![0u32; padded.b * l];
+    let mut neg = vec![0u32; padded.b * l];
+    for (r, &u) in users.iter().enumerate() {
+        let t = ds.train_seq(u as usize);
+        let targets = &t[1..];
+        let targets = &targets[targets.len().saturating_sub(l)..];
+        let mut rng = user_stream(seed, epoch, u);
+        let start = if all_positions { 0 } else { targets.len() - 1 };
+        for (j, &item) in targets.iter().enumerate().skip(start) {
+            let k = r * l + (l - targets.len()) + j;
+            pos[k] = item;
+            neg[k] = ds.sample_negative(u as usize, &mut rng);
+        }
+    }
+    (padded, Targets { pos, neg })
+}
+
+/// The fixed candidate negatives of a user for sampled evaluation.
+pub fn eval_negatives(ds: &Dataset, u: usize, split: Split, n: usize, seed: u64) -> Vec<u32> {
+    let tag = match split {
+        Split::Valid => 0x7661_6c69_64u64,
+        Split::Test => 0x7465_7374u64,
+    };
+    let mut rng = Rng::derive(seed ^ tag, u as u64);
+    (0..n).map(|_| ds.sample_negative(u, &mut rng)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padding_is_left_and_truncates_to_the_last_items() {
+        let a: &[u32] = &[1, 2, 3, 4];
+        let b: &[u32] = &[5];
+        let p = Padded::new(&[a, b], 3, false);
+        assert_eq!(p.l, 3);
+        assert_eq!(p.ids, vec![2, 3, 4, 0, 0, 5]);
+        assert_eq!(p.mask, vec![1., 1., 1., 0., 0., 1.]);
+        let p = Padded::new(&[b], 3, true);
+        assert_eq!(p.ids, vec![0, 0, 5]);
+    }
+}

@@ -1,0 +1,22 @@
+//! The llm-esr-orch engine: configuration, plugin host, data, model assembly,
+//! training, evaluation and reports. The binary `llm-esr-orch` is a thin CLI
+//! over this library; integration tests drive it the same way.
+//!
+//! Not here: candle and the plugin API (the shared runtime crate), the
+//! communicators (`llm-esr-comm`), dataset preparation and semantic artifacts
+//! (`llm-esr-prep`), and the models themselves (plugins).
+
+pub mod assemble;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod eval;
+pub mod files;
+pub mod logging;
+pub mod model;
+pub mod optim;
+pub mod plugin_host;
+pub mod progress;
+pub mod report;
+pub mod train;

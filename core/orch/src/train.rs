@@ -1,0 +1,405 @@
+//! The training loop: data-parallel over the communicator's ranks, early
+//! stopping on the validation metric, checkpoints, final test.
+//!
+//! Every rank starts from rank 0's parameters, takes its shard of each global
+//! batch, and the loss is normalised by the global number of targets, so summed
+//! gradients equal those of one process on the whole batch. Rank 0 alone
+//! writes files and shows progress.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use llm_esr_comm::Communicator;
+use llm_esr_runtime::candle::{Device, Tensor, Var, D};
+use llm_esr_runtime::{ForwardCtx, Objective, Rng};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::checkpoint::{self, TrainState};
+use crate::config::Config;
+use crate::data::{next_item_batch, trainable_users, Dataset, Split};
+use crate::eval::{self, Grouping, Metrics};
+use crate::files::{append_line, write_atomic, write_json};
+use crate::model::{bce_loss, Recommender};
+use crate::optim::{assign_values, flatten_grads, flatten_values, Adam};
+use crate::progress::Progress;
+
+pub const CHECKPOINT: &str = "checkpoint.safetensors";
+pub const BEST: &str = "best.safetensors";
+pub const RESULTS: &str = "results.json";
+pub const METRICS: &str = "metrics.jsonl";
+pub const RESOLVED: &str = "config.resolved.yaml";
+
+pub struct TrainOptions {
+    pub resume: bool,
+}
+
+pub fn parse_device(spec: &str, local_rank: usize) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(local_rank).context(
+            "train.device = cuda: this binary has no CUDA support or no GPU is visible (build with `--features cuda` on a machine with the CUDA toolkit)",
+        ),
+        s if s.starts_with("cuda:") => {
+            let n: usize = s[5..].parse().context("train.device: expected cuda:N")?;
+            Device::new_cuda(n).context("train.device: cannot open that GPU (or no CUDA support in this build)")
+        }
+        other => bail!("config key `train.device`: unknown device `{other}` (use cpu, cuda or cuda:N)"),
+    }
+}
+
+/// Everything one run holds.
+struct Run<'a> {
+    cfg: &'a Config,
+    comm: &'a dyn Communicator,
+    ds: Dataset,
+    model: Recommender,
+    vars: Vec<(String, Var)>,
+    plain_vars: Vec<Var>,
+    device: Device,
+    grouping: Grouping,
+    run_dir: PathBuf,
+}
+
+pub fn train(
+    cfg: &Config,
+    opts: &TrainOptions,
+    comm: &dyn Communicator,
+) -> Result<serde_json::Value> {
+    let rank0 = comm.rank() == 0;
+    let run_dir = cfg.run_dir()?;
+    prepare_run_dir(&run_dir, opts.resume, rank0)?;
+    comm.barrier()?;
+    if rank0 {
+        write_atomic(&run_dir.join(RESOLVED), cfg.to_yaml()?.as_bytes())?;
+    }
+    let device = parse_device(&cfg.train.device, comm.local_rank())?;
+    let ds = Dataset::load(&cfg.data_dir()?)?;
+    info!(
+        users = ds.num_users,
+        items = ds.num_items,
+        interactions = ds.num_interactions(),
+        dir = %ds.dir.display(),
+        "dataset"
+    );
+    let model = crate::assemble::build(cfg, &ds, &device)?;
+    let vars = model.vars();
+    let plain_vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+    info!(
+        backbone = %cfg.model.backbone,
+        variant = ?cfg.model.variant,
+        parameters = model.store.num_scalars(),
+        ranks = comm.size(),
+        backend = comm.backend(),
+        "model"
+    );
+    let grouping = crate::assemble::grouping(cfg, &ds)?;
+    let run = Run {
+        cfg,
+        comm,
+        ds,
+        model,
+        vars,
+        plain_vars,
+        device,
+        grouping,
+        run_dir,
+    };
+    run.fit(opts)
+}
+
+fn prepare_run_dir(dir: &Path, resume: bool, rank0: bool) -> Result<()> {
+    let has_run = dir.join(CHECKPOINT).exists() || dir.join(RESULTS).exists();
+    if resume && !dir.join(CHECKPOINT).exists() {
+        bail!(
+            "--resume: {} holds no checkpoint to resume from",
+            dir.display()
+        );
+    }
+    if !resume && has_run {
+        bail!(
+            "{} already holds a run: use --resume to continue it, or set another `name` / `output_dir` (nothing was overwritten)",
+            dir.display()
+        );
+    }
+    if rank0 {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create run directory {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+impl Run<'_> {
+    fn fit(&self, opts: &TrainOptions) -> Result<serde_json::Value> {
+        let cfg = self.cfg;
+        let rank0 = self.comm.rank() == 0;
+        let n_params: usize = self.plain_vars.iter().map(|v| v.elem_count()).sum();
+        let mut adam = Adam::new(
+            n_params,
+            cfg.train.lr,
+            cfg.train.adam_betas,
+            cfg.train.adam_eps,
+            cfg.train.weight_decay,
+        );
+        let mut state = TrainState {
+            epoch: 0,
+            step: 0,
+            best_metric: f64::NEG_INFINITY,
+            best_epoch: 0,
+            bad_epochs: 0,
+            layout: checkpoint::layout(&self.vars),
+            world_size: self.comm.size(),
+        };
+        let ckpt = self.run_dir.join(CHECKPOINT);
+        if opts.resume {
+            let (m, v, s) = checkpoint::load(&ckpt, &self.vars)?;
+            adam.m = m;
+            adam.v = v;
+            adam.step = s.step;
+            state = s;
+            info!(
+                epoch = state.epoch,
+                best_epoch = state.best_epoch,
+                "resumed from {}",
+                ckpt.display()
+            );
+        }
+        // Identical parameters everywhere: rank 0's.
+        let mut flat = flatten_values(&self.plain_vars)?;
+        self.comm.broadcast(&mut flat, 0)?;
+        assign_values(&self.plain_vars, &flat)?;
+
+        let users = trainable_users(&self.ds);
+        let steps_per_epoch = users.len().div_ceil(cfg.train.batch_size);
+        let started = Instant::now();
+        while state.epoch < cfg.train.epochs {
+            let epoch = state.epoch;
+            let t0 = Instant::now();
+            let loss =
+                self.train_epoch(epoch, &users, steps_per_epoch, &mut adam, &mut state.step)?;
+            let train_seconds = t0.elapsed().as_secs_f64();
+            self.check_replicas()?;
+            let valid = self.evaluate(Split::Valid)?;
+            let metric = valid["overall"][&cfg.eval.metric];
+            state.epoch += 1;
+            if metric > state.best_metric {
+                state.best_metric = metric;
+                state.best_epoch = state.epoch;
+                state.bad_epochs = 0;
+                if rank0 {
+                    checkpoint::save_params(&self.run_dir.join(BEST), &self.vars)?;
+                }
+            } else {
+                state.bad_epochs += 1;
+            }
+            info!(
+                epoch = state.epoch,
+                loss = format!("{loss:.4}"),
+                metric = %cfg.eval.metric,
+                valid = format!("{metric:.4}"),
+                best_epoch = state.best_epoch,
+                seconds = format!("{:.1}", t0.elapsed().as_secs_f64()),
+                "epoch"
+            );
+            if rank0 {
+                let line = json!({
+                    "epoch": state.epoch,
+                    "loss": loss,
+                    "valid": valid,
+                    "seconds": t0.elapsed().as_secs_f64(),
+                    "train_seconds": train_seconds,
+                });
+                append_line(&self.run_dir.join(METRICS), &line.to_string())?;
+                if cfg.train.checkpoint {
+                    checkpoint::save(&ckpt, &self.vars, &adam.m, &adam.v, &state)?;
+                }
+            }
+            self.comm.barrier()?;
+            if cfg.train.patience > 0 && state.bad_epochs >= cfg.train.patience {
+                info!(
+                    epoch = state.epoch,
+                    "early stop: no improvement for {} epochs", cfg.train.patience
+                );
+                break;
+            }
+            if cfg.train.max_steps > 0 && state.step >= cfg.train.max_steps as u64 {
+                info!(step = state.step, "stopping at train.max_steps");
+                break;
+            }
+        }
+        self.finish(&state, started.elapsed().as_secs_f64())
+    }
+
+    /// One pass over the shuffled users; returns the mean training loss.
+    fn train_epoch(
+        &self,
+        epoch: usize,
+        users: &[u32],
+        steps: usize,
+        adam: &mut Adam,
+        step: &mut u64,
+    ) -> Result<f64> {
+        let cfg = self.cfg;
+        let mut order = users.to_vec();
+        Rng::derive(cfg.seed, epoch as u64).shuffle(&mut order);
+        let progress = Progress::new(
+            self.comm.rank() == 0,
+            steps as u64,
+            &format!("epoch {}", epoch + 1),
+        );
+        let mut loss_sum = 0f64;
+        let mut batches = 0usize;
+        for batch in order.chunks(cfg.train.batch_size) {
+            let shard: Vec<u32> = batch
+                .iter()
+                .copied()
+                .skip(self.comm.rank())
+                .step_by(self.comm.size())
+                .collect();
+            let loss = self.train_step(&shard, epoch, *step, adam)?;
+            loss_sum += loss;
+            batches += 1;
+            *step += 1;
+            progress.inc(loss);
+            if cfg.train.max_steps > 0 && *step >= cfg.train.max_steps as u64 {
+                break;
+            }
+        }
+        progress.finish();
+        Ok(loss_sum / batches.max(1) as f64)
+    }
+
+    /// Forward, backward, all-reduce, update. Returns the global batch loss.
+    fn train_step(&self, shard: &[u32], epoch: usize, step: u64, adam: &mut Adam) -> Result<f64> {
+        let cfg = self.cfg;
+        let all_positions = match self.model.objective() {
+            Objective::AllPositions => true,
+            Objective::LastPosition => false,
+            Objective::Cloze { .. } => bail!("cloze training is not supported by this trainer yet"),
+        };
+        let mut counts = [0f64];
+        let mut grad;
+        let mut loss_value = [0f64];
+        if shard.is_empty() {
+            self.comm.all_reduce_sum_f64(&mut counts)?;
+            grad = vec![0f32; adam.m.len()];
+        } else {
+            let (padded, targets) = next_item_batch(
+                &self.ds,
+                shard,
+                cfg.data.max_len,
+                cfg.data.pad_to_max_len,
+                all_positions,
+                cfg.seed,
+                epoch,
+            );
+            counts[0] = targets.count() as f64;
+            self.comm.all_reduce_sum_f64(&mut counts)?;
+            let dev = &self.device;
+            let (b, l) = (padded.b, padded.l);
+            let ids = Tensor::from_vec(padded.ids, (b, l), dev)?;
+            let mask = Tensor::from_vec(padded.mask, (b, l), dev)?;
+            let weight: Vec<f32> = targets.pos.iter().map(|&p| (p != 0) as u8 as f32).collect();
+            let weight = Tensor::from_vec(weight, b * l, dev)?;
+            let pos = Tensor::from_vec(targets.pos, b * l, dev)?;
+            let neg = Tensor::from_vec(targets.neg, b * l, dev)?;
+            let mut rng = Rng::derive(cfg.seed ^ 0x64726f70, step);
+            let mut ctx = ForwardCtx {
+                train: true,
+                rng: &mut rng,
+            };
+            let tables = self.model.tables()?;
+            let h = self
+                .model
+                .encode(&tables, &ids, &mask, &mut ctx)?
+                .reshape((b * l, ()))?;
+            let logits = |items: &Tensor| -> Result<Tensor> {
+                Ok((tables.output.index_select(items, 0)? * &h)?.sum(D::Minus1)?)
+            };
+            let loss = bce_loss(&logits(&pos)?, &logits(&neg)?, &weight, counts[0].max(1.0))?;
+            loss_value[0] = loss.to_scalar::<f32>()? as f64;
+            grad = flatten_grads(&self.plain_vars, &loss.backward()?)?;
+        }
+        self.comm.all_reduce_sum(&mut grad)?;
+        self.comm.all_reduce_sum_f64(&mut loss_value)?;
+        adam.step(&self.plain_vars, &grad)?;
+        Ok(loss_value[0])
+    }
+
+    /// Ranks must hold identical parameters; a cheap checksum tells.
+    fn check_replicas(&self) -> Result<()> {
+        if self.comm.size() == 1 {
+            return Ok(());
+        }
+        let local: f64 = flatten_values(&self.plain_vars)?
+            .iter()
+            .map(|&x| x as f64)
+            .sum();
+        let mut bytes = local.to_le_bytes().to_vec();
+        self.comm.broadcast_bytes(&mut bytes, 0)?;
+        let root = f64::from_le_bytes(bytes[..8].try_into().context("checksum broadcast")?);
+        if (root - local).abs() > 1e-3 * (1.0 + local.abs()) {
+            bail!(
+                "rank {} parameters diverged from rank 0 (checksum {local} vs {}): ranks must run the same build and config",
+                self.comm.rank(),
+                root
+            );
+        }
+        Ok(())
+    }
+
+    fn evaluate(&self, split: Split) -> Result<Metrics> {
+        let cfg = self.cfg;
+        let users: Vec<u32> = self
+            .ds
+            .eval_users()
+            .into_iter()
+            .skip(self.comm.rank())
+            .step_by(self.comm.size())
+            .collect();
+        let ranks = eval::rank_targets(
+            &self.model,
+            &self.ds,
+            split,
+            &cfg.eval,
+            cfg.data.max_len,
+            cfg.data.pad_to_max_len,
+            cfg.seed,
+            &users,
+            &self.device,
+        )?;
+        eval::aggregate(&ranks, &cfg.eval.ks, &self.grouping, self.comm)
+    }
+
+    fn finish(&self, state: &TrainState, seconds: f64) -> Result<serde_json::Value> {
+        let best = self.run_dir.join(BEST);
+        if best.exists() {
+            checkpoint::load_params(&best, &self.vars)?;
+        } else {
+            warn!("no best model was saved (no epoch ran); testing the current parameters");
+        }
+        let valid = self.evaluate(Split::Valid)?;
+        let test = self.evaluate(Split::Test)?;
+        let results = json!({
+            "name": self.cfg.name,
+            "best_epoch": state.best_epoch,
+            "epochs_run": state.epoch,
+            "valid": valid,
+            "test": test,
+            "eval_mode": self.cfg.eval.mode,
+            "world_size": self.comm.size(),
+            "seconds": seconds,
+            "long_tail": crate::assemble::long_tail_summary(self.cfg, &self.ds)?,
+        });
+        if self.comm.rank() == 0 {
+            write_json(&self.run_dir.join(RESULTS), &results)?;
+            info!(
+                "results written to {}",
+                self.run_dir.join(RESULTS).display()
+            );
+            eprintln!("{}", crate::report::table(&self.cfg.name, &results));
+        }
+        Ok(results)
+    }
+}

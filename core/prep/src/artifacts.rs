@@ -1,0 +1,934 @@
+//! The cached semantic artifacts of a prepared dataset and the `embed` stage that
+//! produces them.
+//!
+//! Files in the artifact directory (all written atomically: temporary file in
+//! the same directory, then rename):
+//! - `item_emb.safetensors`: tensor `item_emb`, f32 `(items + 1, D)`; row `i` is
+//!   item id `i`, row 0 (padding) is zeros. This is `E_se`.
+//! - `user_emb.safetensors`: tensor `user_emb`, f32 `(users, D_u)`; row `r` is
+//!   user id `r + 1` (no padding row). This is `U_llm`.
+//! - `pca.safetensors`: tensor `pca`, f32 `(items + 1, pca_dim)`, row 0 zeros
+//!   (the `E_co` initialisation), plus `components` `(pca_dim, D)`, `mean` `(D)`
+//!   and `explained_variance_ratio` `(pca_dim)`.
+//! - `neighbours.safetensors`: `indices` u32 `(users, K)` with 0-based user rows
+//!   (row `r` = user id `r + 1`), best first, never the user itself; `scores` f32
+//!   `(users, K)` cosine similarities.
+//! - `manifest.json` ([`Manifest`]): the model (name, sha256 of
+//!   `model.safetensors`), templates, dimensions, sha256 of every input file and
+//!   output, counts, this crate's version. [`embed`] skips every stage whose
+//!   recorded inputs and output hash still match (no encoding work, logged as
+//!   "up to date"); `force` recomputes all.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use llm_esr_runtime::candle::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::dataset::{Dataset, INTER_FILE, ITEM_TEXT_FILE};
+use crate::encoder::{check_model_dir, SentenceEncoder};
+use crate::fsutil::{sha256_file, with_temp_path, write_json_atomic};
+use crate::import::{import_matrix, ImportSpec};
+use crate::knn::knn;
+use crate::pca;
+use crate::prompts::{
+    check_item_template, check_user_template, item_prompts, user_prompts, Template,
+    DEFAULT_ITEM_TEMPLATE, DEFAULT_USER_TEMPLATE,
+};
+
+/// `E_se` file.
+pub const ITEM_EMB_FILE: &str = "item_emb.safetensors";
+/// `U_llm` file.
+pub const USER_EMB_FILE: &str = "user_emb.safetensors";
+/// PCA file.
+pub const PCA_FILE: &str = "pca.safetensors";
+/// Similar-users file.
+pub const NEIGHBOURS_FILE: &str = "neighbours.safetensors";
+/// Manifest file.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// Configuration of [`embed`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbedConfig {
+    /// Model directory with `config.json`, `tokenizer.json`, `model.safetensors`
+    /// (default `models/all-MiniLM-L6-v2`).
+    pub model: PathBuf,
+    /// Item prompt template over `item_text.tsv` columns (see
+    /// [`crate::prompts`]).
+    pub item_template: String,
+    /// User prompt template with `{history}`.
+    pub user_template: String,
+    /// The `item_text.tsv` column whose values make the user history.
+    pub user_history_column: String,
+    /// Texts per encoder batch (default 64).
+    pub batch_size: usize,
+    /// Tokenizer truncation in tokens (default: `min(max_position_embeddings,
+    /// 512)`).
+    pub max_tokens: Option<usize>,
+    /// PCA width, the hidden size `d` (default 64).
+    pub pca_dim: usize,
+    /// Similar users stored per user (default 100).
+    pub neighbours: usize,
+    /// Rows per block of the kNN matrix product (default 1024).
+    pub knn_block: usize,
+    /// Import `E_se` instead of encoding: `(items, D)` (row 0 = item 1) or
+    /// `(items + 1, D)` (row 0 = padding, ignored).
+    pub item_import: Option<ImportSpec>,
+    /// Import `U_llm` instead of encoding: `(users, D)`, row 0 = user 1.
+    pub user_import: Option<ImportSpec>,
+    /// `cpu`, `cuda` or `cuda:N` for the encoder and kNN (default `cpu`).
+    pub device: String,
+}
+
+impl Default for EmbedConfig {
+    fn default() -> Self {
+        EmbedConfig {
+            model: PathBuf::from("models/all-MiniLM-L6-v2"),
+            item_template: DEFAULT_ITEM_TEMPLATE.to_string(),
+            user_template: DEFAULT_USER_TEMPLATE.to_string(),
+            user_history_column: "title".to_string(),
+            batch_size: 64,
+            max_tokens: None,
+            pca_dim: 64,
+            neighbours: 100,
+            knn_block: 1024,
+            item_import: None,
+            user_import: None,
+            device: "cpu".to_string(),
+        }
+    }
+}
+
+impl EmbedConfig {
+    /// Makes relative paths (model, imports) relative to `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        if self.model.is_relative() {
+            self.model = base.join(&self.model);
+        }
+        for spec in [&mut self.item_import, &mut self.user_import]
+            .into_iter()
+            .flatten()
+        {
+            if spec.path.is_relative() {
+                spec.path = base.join(&spec.path);
+            }
+        }
+    }
+}
+
+/// Parses `cpu`, `cuda`, `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let s = s.trim();
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = if s == "cuda" {
+        0
+    } else if let Some(n) = s.strip_prefix("cuda:") {
+        n.parse::<usize>()
+            .map_err(|_| anyhow::anyhow!("device `{s}`: expected cpu, cuda or cuda:N"))?
+    } else {
+        bail!("device `{s}`: expected cpu, cuda or cuda:N");
+    };
+    Device::new_cuda(ordinal).with_context(|| {
+        format!("device `{s}`: CUDA is unavailable (build with the `cuda` feature) ")
+    })
+}
+
+/// The model recorded in the manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Directory name, e.g. `all-MiniLM-L6-v2`.
+    pub name: String,
+    /// Directory as configured.
+    pub dir: String,
+    /// sha256 of `model.safetensors`.
+    pub sha256: String,
+    /// sha256 of `tokenizer.json`.
+    pub tokenizer_sha256: String,
+}
+
+/// The dataset recorded in the manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetInfo {
+    /// Directory as given.
+    pub dir: String,
+    /// Users.
+    pub users: usize,
+    /// Items.
+    pub items: usize,
+    /// sha256 of `inter.txt`.
+    pub inter_sha256: String,
+    /// sha256 of `item_text.tsv`, when present.
+    pub item_text_sha256: Option<String>,
+}
+
+/// One produced file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageEntry {
+    /// Every input that determines the output; a stage is up to date when this is
+    /// unchanged.
+    pub key: serde_json::Value,
+    /// The output file name.
+    pub file: String,
+    /// sha256 of the output file.
+    pub output_sha256: String,
+    /// Rows of the main tensor.
+    pub rows: usize,
+    /// Columns of the main tensor.
+    pub cols: usize,
+    /// Seconds it took.
+    pub seconds: f64,
+    /// Stage-specific facts (e.g. texts per second, explained variance).
+    pub info: serde_json::Value,
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Version of this crate that wrote it.
+    pub crate_version: String,
+    /// The dataset.
+    pub dataset: DatasetInfo,
+    /// The model, when a stage encoded text.
+    pub model: Option<ModelInfo>,
+    /// Item template used.
+    pub item_template: String,
+    /// User template used.
+    pub user_template: String,
+    /// Stages by name: `item_emb`, `user_emb`, `pca`, `neighbours`.
+    pub stages: BTreeMap<String, StageEntry>,
+}
+
+impl Manifest {
+    /// Reads `manifest.json` from an artifact directory.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {}: no artifacts here; run `llm-esr-orch embed CONFIG`",
+                path.display()
+            )
+        })?;
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "parsing {}; rerun `llm-esr-orch embed CONFIG` (with --force if needed)",
+                path.display()
+            )
+        })
+    }
+}
+
+/// What happened to a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageStatus {
+    /// Computed now.
+    Computed,
+    /// Imported from a file now.
+    Imported,
+    /// Inputs unchanged; nothing done.
+    UpToDate,
+}
+
+/// One stage of an [`embed`] run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageReport {
+    /// `item_emb`, `user_emb`, `pca` or `neighbours`.
+    pub name: String,
+    /// What happened.
+    pub status: StageStatus,
+    /// Seconds spent now (0 when up to date).
+    pub seconds: f64,
+    /// Rows x columns of the output.
+    pub shape: (usize, usize),
+}
+
+/// The result of [`embed`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactSummary {
+    /// Items (the item tensors have `items + 1` rows).
+    pub items: usize,
+    /// Users.
+    pub users: usize,
+    /// Width of `E_se`.
+    pub item_dim: usize,
+    /// Width of `U_llm`.
+    pub user_dim: usize,
+    /// PCA width.
+    pub pca_dim: usize,
+    /// Neighbours per user.
+    pub neighbours: usize,
+    /// Sum of the explained variance ratios of the kept components.
+    pub explained_variance: f64,
+    /// Per stage, in order.
+    pub stages: Vec<StageReport>,
+}
+
+/// Saves tensors atomically as safetensors.
+fn save_tensors(path: &Path, tensors: &[(&str, Tensor)]) -> Result<String> {
+    let map: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(n, t)| Ok(((*n).to_string(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    with_temp_path(path, |tmp| {
+        llm_esr_runtime::candle::safetensors::save(&map, tmp)
+            .with_context(|| format!("writing {}", path.display()))
+    })?;
+    sha256_file(path)
+}
+
+/// Loads one named tensor of an artifact file, with errors that say to rerun
+/// `embed`.
+fn load_tensor(path: &Path, name: &str, device: &Device) -> Result<Tensor> {
+    let rerun = "rerun `llm-esr-orch embed CONFIG`";
+    if !path.is_file() {
+        bail!("{} is missing; {rerun}", path.display());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = llm_esr_runtime::candle::safetensors::SliceSafetensors::new(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a valid safetensors file ({e}); it is truncated or corrupt, {rerun} \
+             --force",
+            path.display()
+        )
+    })?;
+    let t = st.load(name, device).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: no usable tensor `{name}` ({e}); {rerun}",
+            path.display()
+        )
+    })?;
+    Ok(t)
+}
+
+fn prepend_zero_row(t: &Tensor) -> Result<Tensor> {
+    let (_, d) = t.dims2()?;
+    let zero = Tensor::zeros((1, d), t.dtype(), t.device())?;
+    Ok(Tensor::cat(&[&zero, t], 0)?)
+}
+
+fn up_to_date(
+    manifest: Option<&Manifest>,
+    out_dir: &Path,
+    name: &str,
+    key: &serde_json::Value,
+) -> bool {
+    let Some(entry) = manifest.and_then(|m| m.stages.get(name)) else {
+        return false;
+    };
+    if &entry.key != key {
+        return false;
+    }
+    let path = out_dir.join(&entry.file);
+    matches!(sha256_file(&path), Ok(h) if h == entry.output_sha256)
+}
+
+/// Builds (or brings up to date) the artifacts of the prepared dataset in
+/// `dataset_dir` into `out_dir`. See the module docs for the files.
+pub fn embed(
+    cfg: &EmbedConfig,
+    dataset_dir: &Path,
+    out_dir: &Path,
+    force: bool,
+) -> Result<ArtifactSummary> {
+    // ---- Checks before any work.
+    if cfg.batch_size == 0 {
+        bail!("batch_size must be at least 1");
+    }
+    if cfg.knn_block == 0 {
+        bail!("knn_block must be at least 1");
+    }
+    let data = Dataset::load(dataset_dir)?;
+    let items = data.num_items;
+    let users = data.num_users();
+    let item_tpl = Template::parse(&cfg.item_template, "item_template")?;
+    let user_tpl = Template::parse(&cfg.user_template, "user_template")?;
+    let needs_text = cfg.item_import.is_none() || cfg.user_import.is_none();
+    let text = match (&data.item_text, needs_text) {
+        (Some(t), _) => Some(t),
+        (None, false) => None,
+        (None, true) => bail!(
+            "{} is missing: prompts need item text; prepare the dataset with an item text file, \
+             or set `item_import` and `user_import`",
+            dataset_dir.join(ITEM_TEXT_FILE).display()
+        ),
+    };
+    if cfg.item_import.is_none() {
+        if let Some(t) = text {
+            check_item_template(&item_tpl, t, "item_template")?;
+        }
+    }
+    if cfg.user_import.is_none() {
+        check_user_template(&user_tpl, "user_template")?;
+        if let Some(t) = text {
+            if t.column(&cfg.user_history_column).is_none() {
+                bail!(
+                    "`user_history_column` = `{}` is not a column of {} (columns: {}); set it to \
+                     one of them",
+                    cfg.user_history_column,
+                    t.path.display(),
+                    t.columns.join(", ")
+                );
+            }
+        }
+    }
+    if cfg.pca_dim == 0 {
+        bail!("pca_dim must be at least 1");
+    }
+    if cfg.neighbours == 0 || cfg.neighbours >= users {
+        bail!(
+            "neighbours = {} must be in 1..{users} (the dataset has {users} users); lower \
+             `neighbours`",
+            cfg.neighbours
+        );
+    }
+    if items < 2 {
+        bail!("PCA needs at least 2 items, the dataset has {items}");
+    }
+    for spec in [&cfg.item_import, &cfg.user_import].into_iter().flatten() {
+        if !spec.path.is_file() {
+            bail!(
+                "import file {} does not exist; fix the path or remove the import",
+                spec.path.display()
+            );
+        }
+    }
+    let device = parse_device(&cfg.device)?;
+    let needs_model = cfg.item_import.is_none() || cfg.user_import.is_none();
+    if needs_model {
+        check_model_dir(&cfg.model)?;
+    }
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("creating artifact directory {}", out_dir.display()))?;
+
+    // ---- Fingerprints.
+    let inter_sha = sha256_file(&dataset_dir.join(INTER_FILE))?;
+    let text_sha = match &data.item_text {
+        Some(t) => Some(sha256_file(&t.path)?),
+        None => None,
+    };
+    let model_info = if needs_model {
+        Some(ModelInfo {
+            name: cfg
+                .model
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            dir: cfg.model.display().to_string(),
+            sha256: sha256_file(&cfg.model.join("model.safetensors"))?,
+            tokenizer_sha256: sha256_file(&cfg.model.join("tokenizer.json"))?,
+        })
+    } else {
+        None
+    };
+    let model_key = model_info.as_ref().map(|m| {
+        json!({"name": m.name, "sha256": m.sha256, "tokenizer_sha256": m.tokenizer_sha256,
+               "max_tokens": cfg.max_tokens})
+    });
+    let import_key = |spec: &ImportSpec| -> Result<serde_json::Value> {
+        Ok(
+            json!({"path": spec.path.display().to_string(), "sha256": sha256_file(&spec.path)?,
+                  "tensor": spec.tensor}),
+        )
+    };
+
+    let previous = if force || !out_dir.join(MANIFEST_FILE).exists() {
+        None
+    } else {
+        match Manifest::load(out_dir) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!("ignoring the old manifest: {e:#}");
+                None
+            }
+        }
+    };
+    let mut manifest = Manifest {
+        crate_version: env!("CARGO_PKG_VERSION").to_string(),
+        dataset: DatasetInfo {
+            dir: dataset_dir.display().to_string(),
+            users,
+            items,
+            inter_sha256: inter_sha.clone(),
+            item_text_sha256: text_sha.clone(),
+        },
+        model: model_info.clone(),
+        item_template: cfg.item_template.clone(),
+        user_template: cfg.user_template.clone(),
+        stages: BTreeMap::new(),
+    };
+    let mut reports = Vec::new();
+    let mut encoder: Option<SentenceEncoder> = None;
+    let get_encoder = |enc: &mut Option<SentenceEncoder>| -> Result<()> {
+        if enc.is_none() {
+            let t = Instant::now();
+            *enc = Some(SentenceEncoder::load(&cfg.model, &device, cfg.max_tokens)?);
+            tracing::info!(
+                seconds = t.elapsed().as_secs_f64(),
+                "loaded {}",
+                cfg.model.display()
+            );
+        }
+        Ok(())
+    };
+    let write_manifest = |m: &Manifest| write_json_atomic(&out_dir.join(MANIFEST_FILE), m);
+
+    // ---- Stage 1: E_se.
+    let item_key = match &cfg.item_import {
+        Some(spec) => json!({"import": import_key(spec)?, "items": items}),
+        None => json!({"model": model_key, "template": cfg.item_template,
+                       "item_text_sha256": text_sha, "items": items}),
+    };
+    let item_path = out_dir.join(ITEM_EMB_FILE);
+    let mut item_emb: Option<Tensor> = None;
+    if up_to_date(previous.as_ref(), out_dir, "item_emb", &item_key) {
+        let e = previous
+            .as_ref()
+            .and_then(|m| m.stages.get("item_emb"))
+            .cloned();
+        if let Some(e) = e {
+            tracing::info!("item_emb: up to date ({})", item_path.display());
+            reports.push(StageReport {
+                name: "item_emb".into(),
+                status: StageStatus::UpToDate,
+                seconds: 0.0,
+                shape: (e.rows, e.cols),
+            });
+            manifest.stages.insert("item_emb".into(), e);
+        }
+    } else {
+        let t = Instant::now();
+        let (emb, status, info) = match &cfg.item_import {
+            Some(spec) => {
+                let m = import_matrix(spec, &[items, items + 1], "E_se (items)")?;
+                let m = if m.dims2()?.0 == items + 1 {
+                    m.narrow(0, 1, items)?
+                } else {
+                    m
+                };
+                (m, StageStatus::Imported, json!({}))
+            }
+            None => {
+                let text = text.context("item text")?;
+                let prompts = item_prompts(&item_tpl, text, items, "item_template")?;
+                get_encoder(&mut encoder)?;
+                let enc = encoder.as_ref().context("encoder")?;
+                let e = enc.encode(&prompts, cfg.batch_size, "items")?;
+                let secs = t.elapsed().as_secs_f64();
+                (
+                    e,
+                    StageStatus::Computed,
+                    json!({"texts_per_second": items as f64 / secs,
+                    "max_tokens": enc.max_tokens(), "example_prompt": prompts.first()}),
+                )
+            }
+        };
+        let full = prepend_zero_row(&emb.to_dtype(DType::F32)?)?;
+        let sha = save_tensors(&item_path, &[("item_emb", full.clone())])?;
+        let (rows, cols) = full.dims2()?;
+        let seconds = t.elapsed().as_secs_f64();
+        manifest.stages.insert(
+            "item_emb".into(),
+            StageEntry {
+                key: item_key,
+                file: ITEM_EMB_FILE.into(),
+                output_sha256: sha,
+                rows,
+                cols,
+                seconds,
+                info,
+            },
+        );
+        write_manifest(&merge_previous(&manifest, previous.as_ref()))?;
+        reports.push(StageReport {
+            name: "item_emb".into(),
+            status,
+            seconds,
+            shape: (rows, cols),
+        });
+        item_emb = Some(full);
+    }
+
+    // ---- Stage 2: U_llm.
+    let user_key = match &cfg.user_import {
+        Some(spec) => json!({"import": import_key(spec)?, "users": users}),
+        None => json!({"model": model_key, "template": cfg.user_template,
+                       "history_column": cfg.user_history_column,
+                       "inter_sha256": inter_sha, "item_text_sha256": text_sha, "users": users}),
+    };
+    let user_path = out_dir.join(USER_EMB_FILE);
+    let mut user_emb: Option<Tensor> = None;
+    if up_to_date(previous.as_ref(), out_dir, "user_emb", &user_key) {
+        let e = previous
+            .as_ref()
+            .and_then(|m| m.stages.get("user_emb"))
+            .cloned();
+        if let Some(e) = e {
+            tracing::info!("user_emb: up to date ({})", user_path.display());
+            reports.push(StageReport {
+                name: "user_emb".into(),
+                status: StageStatus::UpToDate,
+                seconds: 0.0,
+                shape: (e.rows, e.cols),
+            });
+            manifest.stages.insert("user_emb".into(), e);
+        }
+    } else {
+        let t = Instant::now();
+        let (emb, status, info) = match &cfg.user_import {
+            Some(spec) => (
+                import_matrix(spec, &[users], "U_llm (users)")?,
+                StageStatus::Imported,
+                json!({}),
+            ),
+            None => {
+                let text = text.context("item text")?;
+                let prompts = user_prompts(
+                    &user_tpl,
+                    &data.sequences,
+                    text,
+                    &cfg.user_history_column,
+                    "user_template",
+                )?;
+                get_encoder(&mut encoder)?;
+                let enc = encoder.as_ref().context("encoder")?;
+                let e = enc.encode(&prompts, cfg.batch_size, "users")?;
+                let secs = t.elapsed().as_secs_f64();
+                (
+                    e,
+                    StageStatus::Computed,
+                    json!({"texts_per_second": users as f64 / secs,
+                    "max_tokens": enc.max_tokens()}),
+                )
+            }
+        };
+        let emb = emb.to_dtype(DType::F32)?;
+        let sha = save_tensors(&user_path, &[("user_emb", emb.clone())])?;
+        let (rows, cols) = emb.dims2()?;
+        let seconds = t.elapsed().as_secs_f64();
+        manifest.stages.insert(
+            "user_emb".into(),
+            StageEntry {
+                key: user_key,
+                file: USER_EMB_FILE.into(),
+                output_sha256: sha,
+                rows,
+                cols,
+                seconds,
+                info,
+            },
+        );
+        write_manifest(&merge_previous(&manifest, previous.as_ref()))?;
+        reports.push(StageReport {
+            name: "user_emb".into(),
+            status,
+            seconds,
+            shape: (rows, cols),
+        });
+        user_emb = Some(emb);
+    }
+    drop(encoder);
+
+    // ---- Stage 3: PCA of E_se (rows 1..).
+    let item_sha = manifest
+        .stages
+        .get("item_emb")
+        .map(|e| e.output_sha256.clone());
+    let pca_key = json!({"item_emb_sha256": item_sha, "pca_dim": cfg.pca_dim});
+    let pca_path = out_dir.join(PCA_FILE);
+    let mut explained = 0.0;
+    if up_to_date(previous.as_ref(), out_dir, "pca", &pca_key) {
+        if let Some(e) = previous.as_ref().and_then(|m| m.stages.get("pca")).cloned() {
+            tracing::info!("pca: up to date ({})", pca_path.display());
+            explained = e
+                .info
+                .get("explained_variance")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(0.0);
+            reports.push(StageReport {
+                name: "pca".into(),
+                status: StageStatus::UpToDate,
+                seconds: 0.0,
+                shape: (e.rows, e.cols),
+            });
+            manifest.stages.insert("pca".into(), e);
+        }
+    } else {
+        let t = Instant::now();
+        let full = match item_emb.take() {
+            Some(e) => e,
+            None => load_tensor(&item_path, "item_emb", &Device::Cpu)?,
+        };
+        let rows = full.narrow(0, 1, items)?;
+        let fitted = pca::fit(&rows, cfg.pca_dim)?;
+        let projected = prepend_zero_row(&fitted.transform(&rows)?)?;
+        explained = fitted.explained_variance_ratio.iter().sum();
+        let k = fitted.k();
+        let d = fitted.dim;
+        let sha = save_tensors(
+            &pca_path,
+            &[
+                ("pca", projected.clone()),
+                (
+                    "components",
+                    Tensor::from_vec(
+                        fitted
+                            .components
+                            .iter()
+                            .map(|&v| v as f32)
+                            .collect::<Vec<_>>(),
+                        (k, d),
+                        &Device::Cpu,
+                    )?,
+                ),
+                (
+                    "mean",
+                    Tensor::from_vec(
+                        fitted.mean.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                        d,
+                        &Device::Cpu,
+                    )?,
+                ),
+                (
+                    "explained_variance_ratio",
+                    Tensor::from_vec(
+                        fitted
+                            .explained_variance_ratio
+                            .iter()
+                            .map(|&v| v as f32)
+                            .collect::<Vec<_>>(),
+                        k,
+                        &Device::Cpu,
+                    )?,
+                ),
+            ],
+        )?;
+        let seconds = t.elapsed().as_secs_f64();
+        tracing::info!(
+            seconds,
+            explained_variance = explained,
+            "pca: {} -> {k} dims",
+            d
+        );
+        let (r, c) = projected.dims2()?;
+        manifest.stages.insert(
+            "pca".into(),
+            StageEntry {
+                key: pca_key,
+                file: PCA_FILE.into(),
+                output_sha256: sha,
+                rows: r,
+                cols: c,
+                seconds,
+                info: json!({"explained_variance": explained,
+                             "explained_variance_ratio": fitted.explained_variance_ratio}),
+            },
+        );
+        write_manifest(&merge_previous(&manifest, previous.as_ref()))?;
+        reports.push(StageReport {
+            name: "pca".into(),
+            status: StageStatus::Computed,
+            seconds,
+            shape: (r, c),
+        });
+    }
+
+    // ---- Stage 4: neighbours of U_llm.
+    let user_sha = manifest
+        .stages
+        .get("user_emb")
+        .map(|e| e.output_sha256.clone());
+    let nb_key = json!({"user_emb_sha256": user_sha, "neighbours": cfg.neighbours});
+    let nb_path = out_dir.join(NEIGHBOURS_FILE);
+    if up_to_date(previous.as_ref(), out_dir, "neighbours", &nb_key) {
+        if let Some(e) = previous
+            .as_ref()
+            .and_then(|m| m.stages.get("neighbours"))
+            .cloned()
+        {
+            tracing::info!("neighbours: up to date ({})", nb_path.display());
+            reports.push(StageReport {
+                name: "neighbours".into(),
+                status: StageStatus::UpToDate,
+                seconds: 0.0,
+                shape: (e.rows, e.cols),
+            });
+            manifest.stages.insert("neighbours".into(), e);
+        }
+    } else {
+        let t = Instant::now();
+        let u = match user_emb.take() {
+            Some(u) => u,
+            None => load_tensor(&user_path, "user_emb", &Device::Cpu)?,
+        };
+        let u = u.to_device(&device)?;
+        let nb = knn(&u, cfg.neighbours, cfg.knn_block)?;
+        let indices = Tensor::from_vec(nb.indices, (nb.rows, nb.k), &Device::Cpu)?;
+        let scores = Tensor::from_vec(nb.scores, (nb.rows, nb.k), &Device::Cpu)?;
+        let sha = save_tensors(&nb_path, &[("indices", indices), ("scores", scores)])?;
+        let seconds = t.elapsed().as_secs_f64();
+        tracing::info!(seconds, "neighbours: top-{} of {} users", nb.k, nb.rows);
+        manifest.stages.insert(
+            "neighbours".into(),
+            StageEntry {
+                key: nb_key,
+                file: NEIGHBOURS_FILE.into(),
+                output_sha256: sha,
+                rows: nb.rows,
+                cols: nb.k,
+                seconds,
+                info: json!({}),
+            },
+        );
+        reports.push(StageReport {
+            name: "neighbours".into(),
+            status: StageStatus::Computed,
+            seconds,
+            shape: (nb.rows, nb.k),
+        });
+    }
+    write_manifest(&manifest)?;
+
+    let item_dim = manifest.stages.get("item_emb").map(|e| e.cols).unwrap_or(0);
+    let user_dim = manifest.stages.get("user_emb").map(|e| e.cols).unwrap_or(0);
+    Ok(ArtifactSummary {
+        items,
+        users,
+        item_dim,
+        user_dim,
+        pca_dim: cfg.pca_dim,
+        neighbours: cfg.neighbours,
+        explained_variance: explained,
+        stages: reports,
+    })
+}
+
+/// While a run is in progress, keeps the previous entries of stages not yet
+/// reached, so that an interrupted run can resume where it stopped.
+fn merge_previous(current: &Manifest, previous: Option<&Manifest>) -> Manifest {
+    let mut m = current.clone();
+    if let Some(p) = previous {
+        for (k, v) in &p.stages {
+            m.stages.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    m
+}
+
+/// The artifacts, loaded and checked against the dataset.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    /// `E_se`: `(items + 1, D)` f32, row 0 zeros.
+    pub item_emb: Tensor,
+    /// `U_llm`: `(users, D_u)` f32, row 0 = user 1; `None` when the file is absent.
+    pub user_emb: Option<Tensor>,
+    /// PCA init of `E_co`: `(items + 1, pca_dim)` f32, row 0 zeros.
+    pub pca: Tensor,
+    /// Similar users: `(users, K)` u32, 0-based user rows, best first.
+    pub neighbours: Tensor,
+    /// Their cosine similarities: `(users, K)` f32.
+    pub neighbour_scores: Tensor,
+    /// The manifest.
+    pub manifest: Manifest,
+}
+
+impl Artifacts {
+    /// Loads the artifacts in `dir` onto `device`, checking every shape against
+    /// the dataset (`expected_items` items, `expected_users` users). Errors name
+    /// the file and say to rerun `llm-esr-orch embed CONFIG`.
+    pub fn load(
+        dir: &Path,
+        expected_items: usize,
+        expected_users: usize,
+        device: &Device,
+    ) -> Result<Artifacts> {
+        let rerun = "rerun `llm-esr-orch embed CONFIG`";
+        let manifest = Manifest::load(dir)?;
+        if manifest.dataset.items != expected_items || manifest.dataset.users != expected_users {
+            bail!(
+                "{}: the artifacts were built for {} items and {} users, the dataset has {} items \
+                 and {} users; {rerun}",
+                dir.join(MANIFEST_FILE).display(),
+                manifest.dataset.items,
+                manifest.dataset.users,
+                expected_items,
+                expected_users
+            );
+        }
+        let check = |path: &Path,
+                     name: &str,
+                     t: &Tensor,
+                     rows: usize,
+                     cols: Option<usize>,
+                     dtype: DType|
+         -> Result<()> {
+            let dims = t.dims();
+            let ok = dims.len() == 2
+                && dims[0] == rows
+                && cols.is_none_or(|c| dims[1] == c)
+                && t.dtype() == dtype;
+            if !ok {
+                bail!(
+                    "{}: tensor `{name}` has shape {:?} ({:?}) but the dataset needs ({rows}, {}) \
+                     ({dtype:?}); {rerun}",
+                    path.display(),
+                    dims,
+                    t.dtype(),
+                    cols.map(|c| c.to_string()).unwrap_or_else(|| "D".into())
+                );
+            }
+            Ok(())
+        };
+        let p = dir.join(ITEM_EMB_FILE);
+        let item_emb = load_tensor(&p, "item_emb", device)?;
+        check(
+            &p,
+            "item_emb",
+            &item_emb,
+            expected_items + 1,
+            None,
+            DType::F32,
+        )?;
+        let p = dir.join(USER_EMB_FILE);
+        let user_emb = if p.exists() {
+            let u = load_tensor(&p, "user_emb", device)?;
+            check(&p, "user_emb", &u, expected_users, None, DType::F32)?;
+            Some(u)
+        } else {
+            None
+        };
+        let p = dir.join(PCA_FILE);
+        let pca = load_tensor(&p, "pca", device)?;
+        check(&p, "pca", &pca, expected_items + 1, None, DType::F32)?;
+        let p = dir.join(NEIGHBOURS_FILE);
+        let neighbours = load_tensor(&p, "indices", &Device::Cpu)?;
+        check(&p, "indices", &neighbours, expected_users, None, DType::U32)?;
+        let k = neighbours.dims()[1];
+        let scores = load_tensor(&p, "scores", device)?;
+        check(&p, "scores", &scores, expected_users, Some(k), DType::F32)?;
+        let flat: Vec<u32> = neighbours.flatten_all()?.to_vec1()?;
+        for (pos, &j) in flat.iter().enumerate() {
+            let row = if k == 0 { 0 } else { pos / k };
+            if j as usize >= expected_users || j as usize == row {
+                bail!(
+                    "{}: neighbour {j} of user row {row} is out of range or the user itself; {rerun}",
+                    p.display()
+                );
+            }
+        }
+        let neighbours = neighbours.to_device(device)?;
+        Ok(Artifacts {
+            item_emb,
+            user_emb,
+            pca,
+            neighbours,
+            neighbour_scores: scores,
+            manifest,
+        })
+    }
+}

@@ -1,0 +1,39 @@
+//! Dataset preparation and the cached semantic artifacts of LLM-ESR.
+//!
+//! This crate turns raw interaction files into a prepared dataset (filtered,
+//! ids remapped to 1..N, time-ordered sequences, item text, statistics and
+//! long-tail groups; [`prepare`]) and computes, once, the semantic inputs the
+//! model reads: the item embeddings `E_se` and user embeddings `U_llm` from a
+//! local BERT-family sentence encoder (or imported from `.npy`/`.safetensors`),
+//! the PCA initialisation of the collaborative table and the similar-user lists
+//! ([`artifacts::embed`]); it also loads and checks them for the trainer
+//! ([`artifacts::Artifacts::load`]). What it is not: it does no training, no
+//! evaluation and no distribution, holds no model of the recommender, and never
+//! runs during training or inference; it reads local files only (no network,
+//! no downloads). candle comes through `llm-esr-runtime`.
+//!
+//! One module per concern: [`prepare`] (raw files -> dataset), [`dataset`]
+//! (reading a prepared dataset, the leave-one-out split), [`long_tail`]
+//! (head/tail groups), [`prompts`] (item and user prompts), [`encoder`] (the
+//! sentence encoder), [`import`] (external vectors), [`pca`], [`knn`],
+//! [`artifacts`] (the embed stage, the manifest and the loader); [`table`] and
+//! [`fsutil`] are helpers (delimited files; atomic writes, hashes, progress).
+
+pub mod artifacts;
+pub mod dataset;
+pub mod encoder;
+pub mod fsutil;
+pub mod import;
+pub mod knn;
+pub mod long_tail;
+pub mod pca;
+pub mod prepare;
+pub mod prompts;
+pub mod table;
+
+pub use artifacts::{embed, ArtifactSummary, Artifacts, EmbedConfig, Manifest};
+pub use dataset::{train_part, Dataset, DatasetSummary, ItemText};
+pub use encoder::SentenceEncoder;
+pub use import::ImportSpec;
+pub use long_tail::{long_tail, LongTail, LongTailConfig, LongTailSummary};
+pub use prepare::{prepare, InputFormat, KCore, PrepareConfig};

@@ -1,0 +1,173 @@
+//! The declaration every plugin exports, and the checks that make loading it safe.
+//!
+//! A plugin is a `cdylib` that exports one static, [`PluginDeclaration`], under
+//! the symbol [`DECLARATION_SYMBOL`]. Its first fields are plain C data, so the
+//! host can read them from any build; only when the ABI version, the compiler and
+//! the runtime fingerprint all match does the host call `create`, which returns
+//! Rust trait objects (sound only because both sides share this very runtime).
+
+use std::ffi::{c_char, CStr};
+
+use crate::{BackbonePlugin, FusionPlugin, RetrievalPlugin};
+
+/// Bumped whenever [`PluginDeclaration`]'s layout changes.
+pub const ABI_VERSION: u32 = 1;
+
+/// Hash of this runtime's sources, lock file, compiler, flags, profile and features.
+pub const FINGERPRINT: &str = env!("LLM_ESR_RUNTIME_FINGERPRINT");
+
+/// `rustc -V` of the compiler that built this runtime.
+pub const RUSTC_VERSION: &str = env!("LLM_ESR_RUSTC_VERSION");
+
+/// NUL-terminated copies, inlined into each plugin when the plugin is compiled.
+#[doc(hidden)]
+pub const FINGERPRINT_C: &str = concat!(env!("LLM_ESR_RUNTIME_FINGERPRINT"), "\0");
+#[doc(hidden)]
+pub const RUSTC_VERSION_C: &str = concat!(env!("LLM_ESR_RUSTC_VERSION"), "\0");
+
+/// The exported symbol's name, NUL-terminated for `dlsym`.
+pub const DECLARATION_SYMBOL: &[u8] = b"llm_esr_plugin_declaration\0";
+
+/// What a plugin provides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginKind {
+    Backbone,
+    Fusion,
+    Retrieval,
+}
+
+impl PluginKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PluginKind::Backbone => "backbone",
+            PluginKind::Fusion => "fusion",
+            PluginKind::Retrieval => "retrieval",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "backbone" => Some(PluginKind::Backbone),
+            "fusion" => Some(PluginKind::Fusion),
+            "retrieval" => Some(PluginKind::Retrieval),
+            _ => None,
+        }
+    }
+}
+
+/// The factory a plugin hands to the host.
+pub enum Plugin {
+    Backbone(Box<dyn BackbonePlugin>),
+    Fusion(Box<dyn FusionPlugin>),
+    Retrieval(Box<dyn RetrievalPlugin>),
+}
+
+impl Plugin {
+    pub fn kind(&self) -> PluginKind {
+        match self {
+            Plugin::Backbone(_) => PluginKind::Backbone,
+            Plugin::Fusion(_) => PluginKind::Fusion,
+            Plugin::Retrieval(_) => PluginKind::Retrieval,
+        }
+    }
+}
+
+/// The exported static. All strings are NUL-terminated and `'static`.
+#[repr(C)]
+pub struct PluginDeclaration {
+    pub abi_version: u32,
+    pub rustc_version: *const c_char,
+    pub fingerprint: *const c_char,
+    pub kind: *const c_char,
+    pub name: *const c_char,
+    pub version: *const c_char,
+    /// Only called after every check above has passed.
+    pub create: fn() -> Plugin,
+}
+
+// The pointers refer to string literals baked into the plugin.
+unsafe impl Sync for PluginDeclaration {}
+
+/// The C-level fields of a declaration, read without trusting the Rust ABI.
+#[derive(Debug, Clone)]
+pub struct DeclarationInfo {
+    pub abi_version: u32,
+    pub rustc_version: String,
+    pub fingerprint: String,
+    pub kind: String,
+    pub name: String,
+    pub version: String,
+}
+
+impl PluginDeclaration {
+    /// Reads the plain fields.
+    ///
+    /// # Safety
+    /// `self` must point at a declaration exported by a plugin (its strings valid).
+    pub unsafe fn info(&self) -> DeclarationInfo {
+        let s = |p: *const c_char| {
+            if p.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        };
+        DeclarationInfo {
+            abi_version: self.abi_version,
+            rustc_version: s(self.rustc_version),
+            fingerprint: s(self.fingerprint),
+            kind: s(self.kind),
+            name: s(self.name),
+            version: s(self.version),
+        }
+    }
+}
+
+impl DeclarationInfo {
+    /// Why this plugin cannot be used with this host, if it cannot.
+    pub fn incompatibility(&self) -> Option<String> {
+        if self.abi_version != ABI_VERSION {
+            return Some(format!(
+                "plugin ABI version {} but the host expects {ABI_VERSION}",
+                self.abi_version
+            ));
+        }
+        if self.rustc_version != RUSTC_VERSION {
+            return Some(format!(
+                "built by `{}` but the host by `{RUSTC_VERSION}`",
+                self.rustc_version
+            ));
+        }
+        if self.fingerprint != FINGERPRINT {
+            return Some(format!(
+                "built against runtime fingerprint {} but the host has {FINGERPRINT}",
+                self.fingerprint
+            ));
+        }
+        if PluginKind::parse(&self.kind).is_none() {
+            return Some(format!("unknown plugin kind `{}`", self.kind));
+        }
+        None
+    }
+}
+
+/// Exports a plugin: `export_plugin!(backbone, "sasrec", create)` where `create`
+/// is a `fn() -> Plugin`.
+#[macro_export]
+macro_rules! export_plugin {
+    ($kind:ident, $name:literal, $create:path) => {
+        #[no_mangle]
+        #[used]
+        pub static llm_esr_plugin_declaration: $crate::abi::PluginDeclaration =
+            $crate::abi::PluginDeclaration {
+                abi_version: $crate::abi::ABI_VERSION,
+                rustc_version: $crate::abi::RUSTC_VERSION_C.as_ptr() as *const ::std::ffi::c_char,
+                fingerprint: $crate::abi::FINGERPRINT_C.as_ptr() as *const ::std::ffi::c_char,
+                kind: concat!(stringify!($kind), "\0").as_ptr() as *const ::std::ffi::c_char,
+                name: concat!($name, "\0").as_ptr() as *const ::std::ffi::c_char,
+                version: concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr()
+                    as *const ::std::ffi::c_char,
+                create: $create,
+            };
+    };
+}

@@ -1,0 +1,50 @@
+//! Backbones: the sequence encoder f_theta shared by both views.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::ForwardCtx;
+
+/// What the host tells a backbone when building it.
+#[derive(Debug, Clone)]
+pub struct BackboneSpec {
+    /// Hidden size d of the item representations it encodes.
+    pub hidden: usize,
+    /// The longest input sequence (positions are counted from the right, so a
+    /// batch padded to its own longest sequence encodes exactly as if padded to
+    /// `max_len`).
+    pub max_len: usize,
+    /// Dropout probability for the backbone's own layers.
+    pub dropout: f32,
+    /// The backbone's own section of the config (`model.encoder`), free-form.
+    pub config: serde_json::Value,
+}
+
+/// Which positions carry the ranking loss; it decides how the host builds batches.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Objective {
+    /// Next-item prediction at every non-padding position (SASRec).
+    AllPositions,
+    /// Next-item prediction at the last position only (GRU4Rec).
+    LastPosition,
+    /// Cloze: items are replaced by a mask token with this probability and
+    /// predicted at the masked positions (BERT4Rec).
+    Cloze { mask_prob: f32 },
+}
+
+/// A built encoder.
+pub trait Backbone: Send + Sync {
+    /// Encodes left-padded item embeddings `items` (b, l, d) under `mask` (b, l),
+    /// an f32 tensor with 1 at items and 0 at padding. Returns (b, l, d); rows at
+    /// padding positions are zero. The backbone adds its own input processing
+    /// (scaling, positions, input dropout) and must take the device from `items`.
+    fn encode(&self, items: &Tensor, mask: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor>;
+
+    fn objective(&self) -> Objective;
+}
+
+/// The factory a backbone plugin exports.
+pub trait BackbonePlugin: Send + Sync {
+    /// Builds the encoder; every weight is created through `vb`.
+    fn build(&self, vb: VarBuilder, spec: &BackboneSpec) -> Result<Box<dyn Backbone>>;
+}

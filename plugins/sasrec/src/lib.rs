@@ -1,0 +1,143 @@
+//! SASRec (Kang & McAuley, 2018) as an llm-esr-orch backbone plugin, written to
+//! match the encoder of the official LLM-ESR code: inputs scaled by sqrt(d), plus
+//! a learned positional embedding, then dropout, then the pre-LN transformer
+//! stack of [`llm_esr_runtime::transformer`] (eps 1e-8, Xavier-normal weights).
+//!
+//! The official code applies no causal mask and no key padding mask. Here both
+//! are switches (`attention: causal | bidirectional`, `key_padding_mask`); the
+//! default is the correct causal, masked encoder.
+//!
+//! Positions count from the left as in the official code: the first item of a
+//! sequence has position 1 (row 0 of the table), whatever the padding, so a
+//! batch padded to its own longest sequence encodes exactly like one padded to
+//! `max_len`. The table is Xavier-normal with the official (max_len + 100, d)
+//! fan.
+
+use llm_esr_runtime::candle::{DType, Result, Tensor};
+use llm_esr_runtime::candle_nn::{Init, VarBuilder};
+use llm_esr_runtime::ops;
+use llm_esr_runtime::serde::Deserialize;
+use llm_esr_runtime::transformer::{Attention, EncoderConfig, TransformerEncoder};
+use llm_esr_runtime::{
+    export_plugin, Backbone, BackbonePlugin, BackboneSpec, ForwardCtx, Objective, Plugin,
+};
+
+/// `model.encoder` for SASRec.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(crate = "llm_esr_runtime::serde", deny_unknown_fields, default)]
+pub struct Config {
+    pub layers: usize,
+    pub heads: usize,
+    pub attention: Attention,
+    pub key_padding_mask: bool,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            layers: 2,
+            heads: 1,
+            attention: Attention::Causal,
+            key_padding_mask: true,
+            layer_norm_eps: 1e-8,
+        }
+    }
+}
+
+pub struct SasRec {
+    pos_emb: Tensor,
+    encoder: TransformerEncoder,
+    hidden: usize,
+    max_len: usize,
+    dropout: f32,
+}
+
+impl SasRec {
+    pub fn load(vb: VarBuilder, spec: &BackboneSpec, cfg: Config) -> Result<Self> {
+        let d = spec.hidden;
+        let std = (2.0 / (spec.max_len + 100 + d) as f64).sqrt();
+        let pos_emb = vb.get_with_hints(
+            (spec.max_len, d),
+            "pos_emb",
+            Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+        )?;
+        let encoder = TransformerEncoder::load(
+            vb.pp("encoder"),
+            EncoderConfig {
+                hidden: d,
+                layers: cfg.layers,
+                heads: cfg.heads,
+                dropout: spec.dropout,
+                attention: cfg.attention,
+                key_padding_mask: cfg.key_padding_mask,
+                layer_norm_eps: cfg.layer_norm_eps,
+            },
+        )
+        .map_err(|e| {
+            llm_esr_runtime::candle::Error::Msg(format!("config key `model.encoder`: {e}"))
+        })?;
+        Ok(SasRec {
+            pos_emb,
+            encoder,
+            hidden: d,
+            max_len: spec.max_len,
+            dropout: spec.dropout,
+        })
+    }
+}
+
+impl SasRec {
+    /// Positional embeddings (b, l, d): the k-th item of a row (k from 1) gets
+    /// table row k - 1; padding gets row 0 and is zeroed by the encoder.
+    fn positional(&self, mask: &Tensor) -> Result<Tensor> {
+        let (b, l) = mask.dims2()?;
+        let rows = (mask.to_dtype(DType::F32)?.cumsum(1)? - 1.0)?
+            .relu()?
+            .to_dtype(DType::U32)?
+            .flatten_all()?;
+        self.pos_emb
+            .index_select(&rows, 0)?
+            .reshape((b, l, self.hidden))
+    }
+}
+
+impl Backbone for SasRec {
+    fn encode(&self, items: &Tensor, mask: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        let (_, l, d) = items.dims3()?;
+        if d != self.hidden {
+            llm_esr_runtime::candle::bail!("sasrec: input width {d}, expected {}", self.hidden);
+        }
+        if l > self.max_len {
+            llm_esr_runtime::candle::bail!(
+                "sasrec: sequence length {l} exceeds max_len {}",
+                self.max_len
+            );
+        }
+        let x = ((items * (d as f64).sqrt())? + self.positional(mask)?)?;
+        let x = ops::dropout(&x, self.dropout, ctx)?;
+        self.encoder.forward(&x, mask, ctx)
+    }
+
+    fn objective(&self) -> Objective {
+        Objective::AllPositions
+    }
+}
+
+pub struct SasRecPlugin;
+
+impl BackbonePlugin for SasRecPlugin {
+    fn build(&self, vb: VarBuilder, spec: &BackboneSpec) -> Result<Box<dyn Backbone>> {
+        let cfg: Config = llm_esr_runtime::parse_plugin_config("model.encoder", &spec.config)?;
+        Ok(Box::new(SasRec::load(vb, spec, cfg)?))
+    }
+}
+
+fn create() -> Plugin {
+    Plugin::Backbone(Box::new(SasRecPlugin))
+}
+
+export_plugin!(backbone, "sasrec", create);

@@ -1,0 +1,68 @@
+//! Helpers shared by the integration tests: where the built binary, plugins
+//! and the shared data live. The tests expect `cargo build --release
+//! --workspace` to have run (the README's test command does it).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// target/<profile>, found from the test executable (target/<profile>/deps/...).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_path_buf()
+}
+
+/// A built artifact of the workspace; panics with the fix when it is missing.
+pub fn artifact(name: &str) -> PathBuf {
+    let path = target_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --release --workspace` before the tests",
+        path.display()
+    );
+    path
+}
+
+pub fn binary() -> PathBuf {
+    artifact("llm-esr-orch")
+}
+
+pub fn plugin_file(crate_name: &str) -> PathBuf {
+    artifact(&format!("lib{}.so", crate_name.replace('-', "_")))
+}
+
+/// The workspace root (this crate lives in <root>/tests).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// A dataset directory from LLM_ESR_DATA or ../shared/datasets.
+pub fn dataset(name: &str) -> PathBuf {
+    let base = std::env::var_os("LLM_ESR_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("../shared/datasets"));
+    let dir = base.join(name);
+    assert!(
+        dir.join("inter.txt").exists(),
+        "dataset {} not found: set LLM_ESR_DATA to the directory holding it",
+        dir.display()
+    );
+    dir
+}
+
+/// Runs the binary with `args` in the workspace root.
+pub fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(binary());
+    cmd.args(args).current_dir(workspace_root());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("spawn llm-esr-orch")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
