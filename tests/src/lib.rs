@@ -66,3 +66,42 @@ pub fn run_cli(args: &[&str], envs: &[(&str, &str)]) -> Output {
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
+
+/// `mpirun` with the flags CI needs (root allowed, oversubscription).
+pub fn mpirun(np: usize, args: &[&str]) -> Command {
+    let mut cmd = Command::new("mpirun");
+    cmd.args([
+        "-np",
+        &np.to_string(),
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+    ])
+    .arg(binary())
+    .args(args)
+    .current_dir(workspace_root())
+    .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    cmd
+}
+
+/// Reads a run's results.json.
+pub fn results(run_dir: &Path) -> serde_json::Value {
+    let path = run_dir.join("results.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("results.json is JSON")
+}
+
+/// The epoch lines of metrics.jsonl without their timings.
+pub fn epoch_lines(run_dir: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).expect("metrics.jsonl");
+    text.lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).expect("metrics line");
+            let obj = v.as_object_mut().expect("object");
+            obj.remove("seconds");
+            obj.remove("train_seconds");
+            v
+        })
+        .collect()
+}

@@ -1,12 +1,14 @@
 //! From a config and a dataset to a ready model and its evaluation groups:
-//! plugin search path, variant-specific initialisation, long-tail groups.
+//! plugin search path, semantic artifacts, long-tail groups.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use llm_esr_prep::{long_tail, Artifacts, LongTail};
 use llm_esr_runtime::candle::Device;
+use tracing::info;
 
-use crate::config::{expand_env, Config};
+use crate::config::{expand_env, Config, Variant};
 use crate::data::Dataset;
 use crate::eval::Grouping;
 use crate::model::Recommender;
@@ -23,14 +25,42 @@ pub fn plugin_dirs(cfg: &Config) -> Result<Vec<PathBuf>> {
     Ok(plugin_host::search_dirs(&configured))
 }
 
-pub fn build(cfg: &Config, ds: &Dataset, device: &Device) -> Result<Recommender> {
-    Recommender::build(cfg, ds.num_items, &plugin_dirs(cfg)?, device)
+/// Loads the semantic artifacts when the variant needs them, checked against
+/// the dataset before any training starts.
+pub fn artifacts(cfg: &Config, ds: &Dataset, device: &Device) -> Result<Option<Artifacts>> {
+    if cfg.model.variant == Variant::Plain {
+        return Ok(None);
+    }
+    let dir = cfg.artifacts_dir()?;
+    let a = Artifacts::load(&dir, ds.num_items, ds.num_users, device).with_context(|| {
+        format!(
+            "loading semantic artifacts from {} (config key `model.artifacts`)",
+            dir.display()
+        )
+    })?;
+    info!(dir = %dir.display(), dim = a.item_emb.dim(1)?, "semantic artifacts");
+    Ok(Some(a))
 }
 
-pub fn grouping(_cfg: &Config, _ds: &Dataset) -> Result<Grouping> {
-    Ok(Grouping::default())
+pub fn build(
+    cfg: &Config,
+    ds: &Dataset,
+    artifacts: Option<&Artifacts>,
+    device: &Device,
+) -> Result<Recommender> {
+    Recommender::build(cfg, ds.num_items, artifacts, &plugin_dirs(cfg)?, device)
 }
 
-pub fn long_tail_summary(_cfg: &Config, _ds: &Dataset) -> Result<serde_json::Value> {
-    Ok(serde_json::Value::Null)
+pub fn long_tail_groups(cfg: &Config, ds: &Dataset) -> Result<LongTail> {
+    long_tail(&ds.seqs, ds.num_items, &cfg.data.long_tail).context("config key `data.long_tail`")
+}
+
+/// Head/tail membership for evaluation: items by popularity (distinct users),
+/// users by training length.
+pub fn grouping(lt: &LongTail) -> Grouping {
+    Grouping {
+        item_head: Some(lt.head_items.clone()),
+        // LongTail indexes users from 1; evaluation from 0.
+        user_head: Some(lt.head_users[1..].to_vec()),
+    }
 }

@@ -41,6 +41,46 @@ pub enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Raw interactions (`prepare.*`) -> a prepared dataset in `data.dir`.
+    Prepare {
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Prepared dataset (`data.dir`) -> semantic artifacts in `model.artifacts`:
+    /// item and user embeddings, PCA initialisation, similar users.
+    Embed {
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Recompute every stage even when its manifest entry matches.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Top-K items for users from a finished run (best parameters and cached
+    /// artifacts only; no language model is called). Prints JSON.
+    Recommend {
+        /// A run directory written by `train`.
+        run_dir: PathBuf,
+        /// User ids of the prepared dataset (repeatable).
+        #[arg(long = "user", required = true, num_args = 1..)]
+        users: Vec<u32>,
+        #[arg(long, default_value_t = 10)]
+        k: usize,
+    },
+    /// Run every experiment of a sweep file in turn (finished runs are
+    /// skipped, interrupted ones resumed), then print their table.
+    Sweep {
+        sweep: PathBuf,
+        /// Extra overrides for every run.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Print the results of finished runs as one table (like the paper's Table 1).
+    Report {
+        /// Run directories (each with a results.json).
+        runs: Vec<PathBuf>,
+    },
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -64,10 +104,87 @@ pub fn run(cli: Cli) -> Result<()> {
                 .context("config key `distributed.backend`")?;
             let comm = llm_esr_comm::init(backend)?;
             logging::init(cli.log_format, comm.rank());
-            train::train(&cfg, &train::TrainOptions { resume }, comm.as_ref())?;
+            let result = train::train(&cfg, &train::TrainOptions { resume }, comm.as_ref());
+            if let Err(e) = &result {
+                if comm.size() > 1 {
+                    // The other ranks may wait in a collective for this one:
+                    // end the whole job instead of hanging in MPI_Finalize.
+                    eprintln!("error (rank {}): {e:#}", comm.rank());
+                    comm.abort(1);
+                }
+            }
+            result.map(|_| ())
+        }
+        Command::Sweep { sweep, set } => {
+            let comm = llm_esr_comm::init(llm_esr_comm::Backend::Auto)?;
+            logging::init(cli.log_format, comm.rank());
+            let result = crate::sweep::run(&sweep, &set, comm.as_ref());
+            match result {
+                Ok(rows) => {
+                    if comm.rank() == 0 {
+                        print!("{}", crate::report::tables(&rows));
+                    }
+                    Ok(())
+                }
+                Err(e) if comm.size() > 1 => {
+                    eprintln!("error (rank {}): {e:#}", comm.rank());
+                    comm.abort(1)
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Command::Prepare { config, set } => {
+            logging::init(cli.log_format, 0);
+            let cfg = Config::load(&config, &set)?;
+            let mut prep = cfg.prepare.clone();
+            prep.interactions = expand_path("prepare.interactions", &prep.interactions)?;
+            if let Some(p) = &prep.item_text {
+                prep.item_text = Some(expand_path("prepare.item_text", p)?);
+            }
+            let out = cfg.data_dir()?;
+            let summary = llm_esr_prep::prepare(&prep, &out)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(())
+        }
+        Command::Embed { config, set, force } => {
+            logging::init(cli.log_format, 0);
+            let cfg = Config::load(&config, &set)?;
+            let mut embed = cfg.embed.clone();
+            embed.model = expand_path("embed.model", &embed.model)?;
+            let summary =
+                llm_esr_prep::embed(&embed, &cfg.data_dir()?, &cfg.artifacts_dir()?, force)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(())
+        }
+        Command::Recommend { run_dir, users, k } => {
+            logging::init(cli.log_format, 0);
+            let out = crate::recommend::recommend(&run_dir, &users, k)?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        Command::Report { runs } => {
+            let mut rows = Vec::new();
+            for dir in runs {
+                let path = dir.join(train::RESULTS);
+                let text = std::fs::read_to_string(&path).with_context(|| {
+                    format!("cannot read {}: is it a finished run?", path.display())
+                })?;
+                let value: serde_json::Value = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not valid JSON", path.display()))?;
+                let name = value["name"].as_str().unwrap_or("?").to_string();
+                rows.push((name, value));
+            }
+            print!("{}", crate::report::tables(&rows));
             Ok(())
         }
     }
+}
+
+fn expand_path(key: &str, path: &std::path::Path) -> Result<PathBuf> {
+    Ok(PathBuf::from(crate::config::expand_env(
+        key,
+        &path.to_string_lossy(),
+    )?))
 }
 
 fn list_plugins(dirs: &[PathBuf]) {

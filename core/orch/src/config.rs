@@ -10,10 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 
-// TEMP until llm-esr-prep lands its config types.
-type PrepareConfig = serde_yaml::Value;
-type EmbedConfig = serde_yaml::Value;
-type LongTailConfig = serde_yaml::Value;
+use llm_esr_prep::{EmbedConfig, LongTailConfig, PrepareConfig};
 
 /// An error in the user's configuration or command line: exit code 2.
 #[derive(Debug)]
@@ -27,13 +24,17 @@ impl std::fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn config_error(msg: impl Into<String>) -> anyhow::Error {
+pub fn config_error(msg: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(ConfigError(msg.into()))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// A config this one builds on (path relative to this file); only its
+    /// keys that this file does not set are used.
+    #[serde(skip_serializing)]
+    pub base: Option<String>,
     /// Experiment name; the run directory is `<output_dir>/<name>`.
     pub name: String,
     pub output_dir: String,
@@ -54,6 +55,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            base: None,
             name: "experiment".into(),
             output_dir: "runs".into(),
             seed: 42,
@@ -63,8 +65,8 @@ impl Default for Config {
             eval: EvalConfig::default(),
             plugins: PluginsConfig::default(),
             distributed: DistributedConfig::default(),
-            prepare: serde_yaml::Value::Null,
-            embed: serde_yaml::Value::Null,
+            prepare: PrepareConfig::default(),
+            embed: EmbedConfig::default(),
         }
     }
 }
@@ -89,7 +91,7 @@ impl Default for DataConfig {
             dir: "${LLM_ESR_DATA}/beauty5_tiny".into(),
             max_len: 200,
             pad_to_max_len: false,
-            long_tail: serde_yaml::Value::Null,
+            long_tail: LongTailConfig::default(),
         }
     }
 }
@@ -252,11 +254,12 @@ impl Default for DistributedConfig {
 }
 
 impl Config {
-    /// Defaults < `path` < `overrides` (`a.b=value`, value parsed as YAML).
+    /// Defaults < base configs < `path` < `overrides` (`a.b=value`, value
+    /// parsed as YAML). A config may name a `base:` config (relative to its own
+    /// directory) whose values it overrides key by key.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| config_error(format!("cannot read config {}: {e}", path.display())))?;
-        let mut cfg: Config = serde_yaml::from_str(&text)
+        let tree = load_tree(path, 0)?;
+        let mut cfg: Config = serde_yaml::from_value(tree)
             .map_err(|e| config_error(format!("config {}: {e}", path.display())))?;
         for ov in overrides {
             cfg = cfg.with_override(ov)?;
@@ -368,6 +371,62 @@ impl Config {
 
     pub fn to_yaml(&self) -> Result<String> {
         Ok(serde_yaml::to_string(self)?)
+    }
+}
+
+/// Reads `path` as a YAML mapping, checks its keys (with line numbers), and
+/// merges it over its `base:` chain.
+fn load_tree(path: &Path, depth: usize) -> Result<serde_yaml::Value> {
+    if depth > 8 {
+        return Err(config_error(format!(
+            "config {}: `base:` chain too deep (a cycle?)",
+            path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| config_error(format!("cannot read config {}: {e}", path.display())))?;
+    let mut tree: serde_yaml::Value = serde_yaml::from_str(&text)
+        .map_err(|e| config_error(format!("config {}: {e}", path.display())))?;
+    if tree.is_null() {
+        tree = serde_yaml::Value::Mapping(Default::default());
+    }
+    // Check this file's own keys first, while line numbers still mean something.
+    serde_yaml::from_str::<Config>(&text)
+        .map_err(|e| config_error(format!("config {}: {e}", path.display())))?;
+    let base = tree.as_mapping_mut().and_then(|m| m.remove("base"));
+    match base {
+        None => Ok(tree),
+        Some(serde_yaml::Value::String(b)) => {
+            let base_path = path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(expand_env("base", &b)?);
+            let mut merged = load_tree(&base_path, depth + 1)
+                .map_err(|e| config_error(format!("{e:#} (the `base:` of {})", path.display())))?;
+            merge(&mut merged, tree);
+            Ok(merged)
+        }
+        Some(_) => Err(config_error(format!(
+            "config {}: `base` must be a path",
+            path.display()
+        ))),
+    }
+}
+
+/// Deep merge of mappings: `over` wins; other values are replaced whole.
+fn merge(into: &mut serde_yaml::Value, over: serde_yaml::Value) {
+    match (into, over) {
+        (serde_yaml::Value::Mapping(a), serde_yaml::Value::Mapping(b)) => {
+            for (k, v) in b {
+                match a.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        a.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
     }
 }
 

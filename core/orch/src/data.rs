@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use llm_esr_runtime::Rng;
+use llm_esr_runtime::{Objective, Rng};
 
 pub struct Dataset {
     pub dir: PathBuf,
@@ -213,11 +213,25 @@ impl Targets {
     }
 }
 
-/// Users (0-based) that have at least one training target.
-pub fn trainable_users(ds: &Dataset) -> Vec<u32> {
-    (0..ds.num_users as u32)
-        .filter(|&u| ds.train_seq(u as usize).len() >= 2)
-        .collect()
+/// The training samples of an epoch, before shuffling: each user with a
+/// target once, or, for cloze training, each user with a training item twice
+/// (random masking, then last-item masking).
+pub fn training_samples(ds: &Dataset, objective: Objective) -> Vec<(u32, bool)> {
+    let users = 0..ds.num_users as u32;
+    match objective {
+        Objective::Cloze { .. } => {
+            let users: Vec<u32> = users
+                .filter(|&u| !ds.train_seq(u as usize).is_empty())
+                .collect();
+            let mut samples: Vec<(u32, bool)> = users.iter().map(|&u| (u, false)).collect();
+            samples.extend(users.iter().map(|&u| (u, true)));
+            samples
+        }
+        _ => users
+            .filter(|&u| ds.train_seq(u as usize).len() >= 2)
+            .map(|u| (u, false))
+            .collect(),
+    }
 }
 
 /// Seed of the per-user stream of an epoch: the same user draws the same
@@ -266,11 +280,77 @@ pub fn next_item_batch(
     (padded, Targets { pos, neg })
 }
 
+/// Cloze training batch, the official BERT4Rec scheme: every user appears
+/// twice per epoch, once with random masking of its training sequence (each
+/// item with probability `mask_prob`: 80% the mask token, 10% a random item,
+/// 10% unchanged, predicted in every case) and once with only its last item
+/// masked (`last`).
+#[allow(clippy::too_many_arguments)]
+pub fn cloze_batch(
+    ds: &Dataset,
+    entries: &[(u32, bool)],
+    max_len: usize,
+    to_max_len: bool,
+    mask_token: u32,
+    mask_prob: f32,
+    seed: u64,
+    epoch: usize,
+) -> (Padded, Targets) {
+    let mut tokens: Vec<Vec<u32>> = Vec::with_capacity(entries.len());
+    let mut labels: Vec<Vec<u32>> = Vec::with_capacity(entries.len());
+    let mut negs: Vec<Vec<u32>> = Vec::with_capacity(entries.len());
+    for &(u, last) in entries {
+        let seq = ds.train_seq(u as usize);
+        let mut rng = user_stream(seed, 2 * epoch + last as usize, u);
+        let mut tok = seq.to_vec();
+        let mut lab = vec![0u32; seq.len()];
+        let mut neg = vec![0u32; seq.len()];
+        if last {
+            let j = seq.len() - 1;
+            tok[j] = mask_token;
+            lab[j] = seq[j];
+            neg[j] = ds.sample_negative(u as usize, &mut rng);
+        } else {
+            for (j, &s) in seq.iter().enumerate() {
+                let r = rng.next_f64();
+                if r < mask_prob as f64 {
+                    let r = r / mask_prob as f64;
+                    tok[j] = if r < 0.8 {
+                        mask_token
+                    } else if r < 0.9 {
+                        1 + rng.below(ds.num_items as u64) as u32
+                    } else {
+                        s
+                    };
+                    lab[j] = s;
+                    neg[j] = ds.sample_negative(u as usize, &mut rng);
+                }
+            }
+        }
+        tokens.push(tok);
+        labels.push(lab);
+        negs.push(neg);
+    }
+    let inputs: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
+    let padded = Padded::new(&inputs, max_len, to_max_len);
+    let l = padded.l;
+    let mut pos = vec![0u32; padded.b * l];
+    let mut neg = vec![0u32; padded.b * l];
+    for (r, (lab, ng)) in labels.iter().zip(&negs).enumerate() {
+        let keep = lab.len().min(l);
+        let (lab, ng) = (&lab[lab.len() - keep..], &ng[ng.len() - keep..]);
+        let off = r * l + (l - keep);
+        pos[off..off + keep].copy_from_slice(lab);
+        neg[off..off + keep].copy_from_slice(ng);
+    }
+    (padded, Targets { pos, neg })
+}
+
 /// The fixed candidate negatives of a user for sampled evaluation.
 pub fn eval_negatives(ds: &Dataset, u: usize, split: Split, n: usize, seed: u64) -> Vec<u32> {
     let tag = match split {
-        Split::Valid => 0x7661_6c69_64u64,
-        Split::Test => 0x7465_7374u64,
+        Split::Valid => 0x0076_616c_6964_u64,
+        Split::Test => 0x7465_7374_u64,
     };
     let mut rng = Rng::derive(seed ^ tag, u as u64);
     (0..n).map(|_| ds.sample_negative(u, &mut rng)).collect()

@@ -13,7 +13,7 @@ use llm_esr_comm::Communicator;
 use llm_esr_runtime::candle::{Device, Tensor};
 use llm_esr_runtime::{ForwardCtx, Rng};
 
-use crate::config::{EvalConfig, EvalMode};
+use crate::config::{Config, EvalMode};
 use crate::data::{eval_negatives, Dataset, Padded, Split};
 use crate::model::{last_position, Recommender};
 
@@ -58,13 +58,12 @@ pub fn rank_targets(
     model: &Recommender,
     ds: &Dataset,
     split: Split,
-    cfg: &EvalConfig,
-    max_len: usize,
-    pad_to_max_len: bool,
-    seed: u64,
+    cfg: &Config,
     users: &[u32],
     device: &Device,
 ) -> Result<Vec<(u32, u32, usize)>> {
+    let (max_len, pad_to_max_len, seed) = (cfg.data.max_len, cfg.data.pad_to_max_len, cfg.seed);
+    let cfg = &cfg.eval;
     let tables = model.tables()?;
     let mut out = Vec::with_capacity(users.len());
     let mut rng = Rng::new(0); // unused in eval mode

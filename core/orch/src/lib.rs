@@ -18,5 +18,7 @@ pub mod model;
 pub mod optim;
 pub mod plugin_host;
 pub mod progress;
+pub mod recommend;
 pub mod report;
+pub mod sweep;
 pub mod train;

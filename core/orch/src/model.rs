@@ -1,19 +1,72 @@
-//! Model assembly: item tables, the backbone plugin and (for LLM-ESR) the
-//! semantic view, fusion and retrieval plugins, put together per variant.
+//! Model assembly: item tables, the backbone plugin and, for LLM-ESR, the
+//! semantic view, the fusion and the retrieval plugins, put together per variant.
 //!
-//! Items are represented by rows of tables indexed by item id (row 0 is
-//! padding and stays zero). A forward pass first computes the item tables of
-//! the step ([`Tables`]), then encodes sequences by gathering rows of them.
+//! - `plain`: collaborative table (random) -> backbone.
+//! - `llminit`: the same with the table initialised from the PCA of `E_se`.
+//! - `llmesr`: collaborative table (PCA init, trainable) and semantic table
+//!   (frozen `E_se` through a two-layer adapter without activation); each view
+//!   goes through the backbone's input layer, the fusion plugin's sequence-level
+//!   cross-attention, then the shared backbone (or one per view without
+//!   `share_encoder`); user and item vectors are the fusion's concatenations.
+//!
+//! Items are rows of tables indexed by id: row 0 is padding (zero), rows
+//! 1..=num_items the items, and row num_items + 1 the cloze mask token when the
+//! backbone needs one.
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
-use llm_esr_runtime::candle::{DType, Device, Tensor, Var, D};
-use llm_esr_runtime::params::ParamStore;
-use llm_esr_runtime::{Backbone, BackboneSpec, ForwardCtx, Objective, PluginKind};
+use anyhow::{bail, Context, Result};
+use llm_esr_prep::Artifacts;
+use llm_esr_runtime::candle::{DType, Device, Module, Tensor, Var, D};
+use llm_esr_runtime::candle_nn::{self, Init, VarBuilder};
+use llm_esr_runtime::params::{xavier_normal, ParamStore};
+use llm_esr_runtime::{
+    Backbone, BackboneSpec, ForwardCtx, Fusion, FusionSpec, Objective, PluginKind, Retrieval,
+    RetrievalSpec,
+};
 
 use crate::config::{plugin_section, Config, Variant};
-use crate::plugin_host::{self, GuardedBackbone};
+use crate::plugin_host::{self, GuardedBackbone, GuardedFusion, GuardedRetrieval};
+
+/// Frozen `E_se` and the trainable adapter that maps it to the hidden size.
+struct SemanticView {
+    table: Tensor,
+    fc1: candle_nn::Linear,
+    fc2: candle_nn::Linear,
+}
+
+impl SemanticView {
+    fn load(vb: VarBuilder, table: Tensor, hidden: usize) -> Result<Self> {
+        let dim = table.dim(1)?;
+        let mid = dim / 2;
+        // Xavier weights; biases keep torch's default U(+-1/sqrt(fan_in)).
+        let linear = |name: &str, i: usize, o: usize| -> Result<candle_nn::Linear> {
+            let vb = vb.pp(name);
+            let w = vb.get_with_hints((o, i), "weight", xavier_normal(o, i))?;
+            let bound = 1.0 / (i as f64).sqrt();
+            let b = vb.get_with_hints(
+                o,
+                "bias",
+                Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            )?;
+            Ok(candle_nn::Linear::new(w, Some(b)))
+        };
+        Ok(SemanticView {
+            fc1: linear("fc1", dim, mid)?,
+            fc2: linear("fc2", mid, hidden)?,
+            table,
+        })
+    }
+
+    /// The adapted table (rows, d). The adapter acts row by row, so applying it
+    /// once to the table and gathering equals applying it per position.
+    fn adapted(&self) -> Result<Tensor> {
+        Ok(self.fc2.forward(&self.fc1.forward(&self.table)?)?)
+    }
+}
 
 pub struct Recommender {
     pub store: ParamStore,
@@ -23,15 +76,21 @@ pub struct Recommender {
     pub num_items: usize,
     /// Id of the cloze mask token (num_items + 1) when the backbone needs one.
     pub mask_token: Option<u32>,
+    /// Weight of the distillation loss.
+    pub alpha: f32,
     backbone: GuardedBackbone,
-    /// Collaborative item table (num_items + 1 [+ 1], d), trainable.
-    co_table: Var,
+    /// The semantic view's own encoder (ablation "w/o Share").
+    backbone_se: Option<GuardedBackbone>,
+    co_table: Option<Var>,
+    semantic: Option<SemanticView>,
+    fusion: Option<GuardedFusion>,
+    retrieval: Option<GuardedRetrieval>,
 }
 
 /// The item representations of one step.
 pub struct Tables {
-    /// Rows gathered for sequence inputs.
-    pub input: Tensor,
+    co: Option<Tensor>,
+    se: Option<Tensor>,
     /// Rows scored against user vectors.
     pub output: Tensor,
 }
@@ -40,35 +99,112 @@ impl Recommender {
     pub fn build(
         cfg: &Config,
         num_items: usize,
+        artifacts: Option<&Artifacts>,
         plugin_dirs: &[PathBuf],
         device: &Device,
     ) -> Result<Recommender> {
+        let m = &cfg.model;
+        let llmesr = m.variant == Variant::Llmesr;
+        let co_view = !llmesr || m.co_view;
+        let se_view = llmesr && m.se_view;
+        if !co_view && !se_view {
+            bail!("config keys `model.co_view` and `model.se_view` are both false: keep at least one view");
+        }
         let store = ParamStore::new(cfg.seed);
         let vb = store.var_builder(device);
         let spec = BackboneSpec {
-            hidden: cfg.model.hidden,
+            hidden: m.hidden,
             max_len: cfg.data.max_len,
-            dropout: cfg.model.dropout,
-            config: plugin_section(&cfg.model.encoder)?,
+            dropout: m.dropout,
+            config: plugin_section(&m.encoder)?,
         };
-        let plugin = plugin_host::load(plugin_dirs, PluginKind::Backbone, &cfg.model.backbone)?;
-        let backbone =
-            plugin_host::build_backbone(plugin, &cfg.model.backbone, vb.pp("backbone"), &spec)
-                .with_context(|| format!("building backbone `{}`", cfg.model.backbone))?;
+        let load_backbone = |prefix: &str| -> Result<GuardedBackbone> {
+            let plugin = plugin_host::load(plugin_dirs, PluginKind::Backbone, &m.backbone)?;
+            plugin_host::build_backbone(plugin, &m.backbone, vb.pp(prefix), &spec)
+                .with_context(|| format!("building backbone `{}`", m.backbone))
+        };
+        let backbone = load_backbone("backbone")?;
+        let backbone_se = if llmesr && co_view && se_view && !m.share_encoder {
+            Some(load_backbone("backbone_se")?)
+        } else {
+            None
+        };
         let mask_token = match backbone.objective() {
             Objective::Cloze { .. } => Some(num_items as u32 + 1),
             _ => None,
         };
         let rows = num_items + 1 + mask_token.is_some() as usize;
-        let co_table = item_table(&store, "item_emb", rows, cfg.model.hidden, device)?;
+        let artifacts = match (m.variant, artifacts) {
+            (Variant::Plain, _) => None,
+            (_, Some(a)) => Some(a),
+            (_, None) => bail!(
+                "variant `{:?}` needs semantic artifacts (`model.artifacts`)",
+                m.variant
+            ),
+        };
+
+        let co_table = if co_view {
+            Some(match artifacts {
+                None => random_table(&store, "item_emb", rows, m.hidden, device)?,
+                Some(a) => pca_table(&store, a, rows, m.hidden, device)?,
+            })
+        } else {
+            None
+        };
+        let semantic = match (se_view, artifacts) {
+            (true, Some(a)) => {
+                let table = pad_rows(&a.item_emb.to_device(device)?, rows)?;
+                Some(SemanticView::load(vb.pp("adapter"), table, m.hidden)?)
+            }
+            _ => None,
+        };
+        let fusion = if co_view && se_view {
+            let mut section = plugin_section(&m.fusion_config)?;
+            if !m.cross_attention {
+                section
+                    .as_object_mut()
+                    .context("`model.fusion_config` must be a mapping")?
+                    .insert("enabled".into(), serde_json::Value::Bool(false));
+            }
+            let spec = FusionSpec {
+                hidden: m.hidden,
+                dropout: m.dropout,
+                config: section,
+            };
+            let plugin = plugin_host::load(plugin_dirs, PluginKind::Fusion, &m.fusion)?;
+            Some(plugin_host::build_fusion(
+                plugin,
+                &m.fusion,
+                vb.pp("fusion"),
+                &spec,
+            )?)
+        } else {
+            None
+        };
+        let retrieval = match (llmesr && m.distill, artifacts) {
+            (true, Some(a)) => {
+                let spec = RetrievalSpec {
+                    neighbours: a.neighbours.to_device(&Device::Cpu)?,
+                    config: plugin_section(&m.retrieval_config)?,
+                };
+                let plugin = plugin_host::load(plugin_dirs, PluginKind::Retrieval, &m.retrieval)?;
+                Some(plugin_host::build_retrieval(plugin, &m.retrieval, &spec)?)
+            }
+            _ => None,
+        };
         Ok(Recommender {
             store,
-            variant: cfg.model.variant,
-            hidden: cfg.model.hidden,
+            variant: m.variant,
+            hidden: m.hidden,
             num_items,
             mask_token,
+            alpha: m.alpha,
             backbone,
+            backbone_se,
             co_table,
+            semantic,
+            fusion,
+            retrieval,
         })
     }
 
@@ -76,21 +212,29 @@ impl Recommender {
         self.backbone.objective()
     }
 
-    /// Replaces the collaborative table by given values (PCA initialisation).
-    pub fn init_item_table(&self, values: &Tensor) -> Result<()> {
-        Ok(self.co_table.set(values)?)
+    pub fn retrieval(&self) -> Option<&dyn Retrieval> {
+        self.retrieval.as_ref().map(|r| r as &dyn Retrieval)
     }
 
     /// The item tables of this step.
     pub fn tables(&self) -> Result<Tables> {
-        let t = self.co_table.as_tensor().clone();
-        Ok(Tables {
-            input: t.clone(),
-            output: t,
-        })
+        let co = self.co_table.as_ref().map(|v| v.as_tensor().clone());
+        let se = self
+            .semantic
+            .as_ref()
+            .map(SemanticView::adapted)
+            .transpose()?;
+        let output = match (&co, &se, &self.fusion) {
+            (Some(c), Some(s), Some(f)) => f.item_vector(c, s)?,
+            (Some(c), None, _) => c.clone(),
+            (None, Some(s), _) => s.clone(),
+            _ => bail!("model has no item table"),
+        };
+        Ok(Tables { co, se, output })
     }
 
-    /// Encodes left-padded `ids` (b, l) under `mask` (b, l): (b, l, h).
+    /// Encodes left-padded `ids` (b, l) under `mask` (b, l) into user states
+    /// (b, l, h) whose dot product with `tables.output` rows scores items.
     pub fn encode(
         &self,
         tables: &Tables,
@@ -99,14 +243,34 @@ impl Recommender {
         ctx: &mut ForwardCtx,
     ) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
-        let x = tables
-            .input
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, l, ()))?;
-        Ok(self.backbone.encode(&x, mask, ctx)?)
+        let flat = ids.flatten_all()?;
+        let gather =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.index_select(&flat, 0)?.reshape((b, l, ()))?) };
+        let se_backbone = self.backbone_se.as_ref().unwrap_or(&self.backbone);
+        let x_co = tables
+            .co
+            .as_ref()
+            .map(|t| -> Result<Tensor> { Ok(self.backbone.embed(&gather(t)?, mask, ctx)?) });
+        let x_co = x_co.transpose()?;
+        let x_se = tables
+            .se
+            .as_ref()
+            .map(|t| -> Result<Tensor> { Ok(se_backbone.embed(&gather(t)?, mask, ctx)?) });
+        let x_se = x_se.transpose()?;
+        match (x_co, x_se, &self.fusion) {
+            (Some(co), Some(se), Some(f)) => {
+                let (co, se) = f.fuse_sequences(&co, &se, mask, ctx)?;
+                let h_co = self.backbone.encode_embedded(&co, mask, ctx)?;
+                let h_se = se_backbone.encode_embedded(&se, mask, ctx)?;
+                Ok(f.user_vector(&h_co, &h_se)?)
+            }
+            (Some(co), None, _) => Ok(self.backbone.encode_embedded(&co, mask, ctx)?),
+            (None, Some(se), _) => Ok(se_backbone.encode_embedded(&se, mask, ctx)?),
+            _ => bail!("model has no view to encode"),
+        }
     }
 
-    /// Scores of the last position of each sequence against `items` (b, c): (b, c).
+    /// Scores of user vectors (b, h) against candidate items (b, c): (b, c).
     pub fn score_candidates(
         &self,
         tables: &Tables,
@@ -128,15 +292,15 @@ impl Recommender {
         Ok(user_vecs.matmul(&out.t()?)?)
     }
 
-    /// The trainable variables in a fixed order.
+    /// The trainable variables in creation order (the frozen `E_se` is not one).
     pub fn vars(&self) -> Vec<(String, Var)> {
         self.store.vars()
     }
 }
 
-/// An item table: N(0, 1) like torch's `nn.Embedding`, with the padding row 0
-/// zeroed (candle's `Embedding` has no padding index).
-fn item_table(
+/// A random item table: Xavier-normal (see docs/faithfulness.md) with the
+/// padding row zeroed (candle's `Embedding` has no padding index).
+fn random_table(
     store: &ParamStore,
     name: &str,
     rows: usize,
@@ -144,16 +308,39 @@ fn item_table(
     device: &Device,
 ) -> Result<Var> {
     let vb = store.var_builder(device);
-    vb.get_with_hints(
-        (rows, d),
-        name,
-        llm_esr_runtime::params::xavier_normal(rows, d),
-    )?;
+    let t = vb.get_with_hints((rows, d), name, xavier_normal(rows, d))?;
     let var = store.get(name).context("item table")?;
-    let t = var.as_tensor();
     let zero = Tensor::zeros((1, d), DType::F32, device)?;
     var.set(&Tensor::cat(&[&zero, &t.narrow(0, 1, rows - 1)?], 0)?)?;
     Ok(var)
+}
+
+/// The collaborative table initialised from the PCA artifact (mask row zero).
+fn pca_table(
+    store: &ParamStore,
+    a: &Artifacts,
+    rows: usize,
+    d: usize,
+    device: &Device,
+) -> Result<Var> {
+    let pca = a.pca.to_device(device)?;
+    if pca.dim(1)? != d {
+        bail!(
+            "the PCA artifact has width {} but `model.hidden` is {d}: rerun `llm-esr-orch embed` with `embed.pca_dim: {d}`",
+            pca.dim(1)?
+        );
+    }
+    Ok(store.insert("item_emb", &pad_rows(&pca, rows)?)?)
+}
+
+/// Appends zero rows up to `rows` (the mask token's row).
+fn pad_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
+    let have = t.dim(0)?;
+    if have >= rows {
+        return Ok(t.narrow(0, 0, rows)?);
+    }
+    let zeros = Tensor::zeros((rows - have, t.dim(1)?), t.dtype(), t.device())?;
+    Ok(Tensor::cat(&[t, &zeros], 0)?)
 }
 
 /// The last position of each encoded sequence: (b, l, h) -> (b, h).

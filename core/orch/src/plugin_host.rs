@@ -229,13 +229,17 @@ pub struct GuardedBackbone {
 }
 
 impl Backbone for GuardedBackbone {
-    fn encode(
+    fn embed(&self, items: &Tensor, mask: &Tensor, ctx: &mut ForwardCtx) -> candle::Result<Tensor> {
+        guarded(&self.name, || self.inner.embed(items, mask, ctx))
+    }
+
+    fn encode_embedded(
         &self,
-        items: &Tensor,
+        x: &Tensor,
         mask: &Tensor,
         ctx: &mut ForwardCtx,
     ) -> candle::Result<Tensor> {
-        guarded(&self.name, || self.inner.encode(items, mask, ctx))
+        guarded(&self.name, || self.inner.encode_embedded(x, mask, ctx))
     }
 
     fn objective(&self) -> Objective {

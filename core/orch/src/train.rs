@@ -12,16 +12,18 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use llm_esr_comm::Communicator;
 use llm_esr_runtime::candle::{Device, Tensor, Var, D};
-use llm_esr_runtime::{ForwardCtx, Objective, Rng};
+use llm_esr_runtime::{ForwardCtx, Objective, Retrieval, Rng};
 use serde_json::json;
 use tracing::{info, warn};
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::Config;
-use crate::data::{next_item_batch, trainable_users, Dataset, Split};
+use crate::data::{
+    cloze_batch, next_item_batch, training_samples, Dataset, Padded, Split, Targets,
+};
 use crate::eval::{self, Grouping, Metrics};
 use crate::files::{append_line, write_atomic, write_json};
-use crate::model::{bce_loss, Recommender};
+use crate::model::{bce_loss, last_position, Recommender, Tables};
 use crate::optim::{assign_values, flatten_grads, flatten_values, Adam};
 use crate::progress::Progress;
 
@@ -59,6 +61,7 @@ struct Run<'a> {
     plain_vars: Vec<Var>,
     device: Device,
     grouping: Grouping,
+    long_tail: serde_json::Value,
     run_dir: PathBuf,
 }
 
@@ -83,7 +86,19 @@ pub fn train(
         dir = %ds.dir.display(),
         "dataset"
     );
-    let model = crate::assemble::build(cfg, &ds, &device)?;
+    let lt = crate::assemble::long_tail_groups(cfg, &ds)?;
+    info!(
+        item_threshold = lt.summary.item_threshold,
+        user_threshold = lt.summary.user_threshold,
+        head_items = lt.summary.head_items,
+        tail_items = lt.summary.tail_items,
+        head_users = lt.summary.head_users,
+        tail_users = lt.summary.tail_users,
+        "long-tail groups"
+    );
+    let artifacts = crate::assemble::artifacts(cfg, &ds, &device)?;
+    let model = crate::assemble::build(cfg, &ds, artifacts.as_ref(), &device)?;
+    drop(artifacts);
     let vars = model.vars();
     let plain_vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
     info!(
@@ -94,7 +109,8 @@ pub fn train(
         backend = comm.backend(),
         "model"
     );
-    let grouping = crate::assemble::grouping(cfg, &ds)?;
+    let grouping = crate::assemble::grouping(&lt);
+    let long_tail = serde_json::to_value(&lt.summary)?;
     let run = Run {
         cfg,
         comm,
@@ -104,6 +120,7 @@ pub fn train(
         plain_vars,
         device,
         grouping,
+        long_tail,
         run_dir,
     };
     run.fit(opts)
@@ -170,14 +187,14 @@ impl Run<'_> {
         self.comm.broadcast(&mut flat, 0)?;
         assign_values(&self.plain_vars, &flat)?;
 
-        let users = trainable_users(&self.ds);
-        let steps_per_epoch = users.len().div_ceil(cfg.train.batch_size);
+        let samples = training_samples(&self.ds, self.model.objective());
+        let steps_per_epoch = samples.len().div_ceil(cfg.train.batch_size);
         let started = Instant::now();
         while state.epoch < cfg.train.epochs {
             let epoch = state.epoch;
             let t0 = Instant::now();
             let loss =
-                self.train_epoch(epoch, &users, steps_per_epoch, &mut adam, &mut state.step)?;
+                self.train_epoch(epoch, &samples, steps_per_epoch, &mut adam, &mut state.step)?;
             let train_seconds = t0.elapsed().as_secs_f64();
             self.check_replicas()?;
             let valid = self.evaluate(Split::Valid)?;
@@ -235,13 +252,13 @@ impl Run<'_> {
     fn train_epoch(
         &self,
         epoch: usize,
-        users: &[u32],
+        samples: &[(u32, bool)],
         steps: usize,
         adam: &mut Adam,
         step: &mut u64,
     ) -> Result<f64> {
         let cfg = self.cfg;
-        let mut order = users.to_vec();
+        let mut order = samples.to_vec();
         Rng::derive(cfg.seed, epoch as u64).shuffle(&mut order);
         let progress = Progress::new(
             self.comm.rank() == 0,
@@ -251,7 +268,7 @@ impl Run<'_> {
         let mut loss_sum = 0f64;
         let mut batches = 0usize;
         for batch in order.chunks(cfg.train.batch_size) {
-            let shard: Vec<u32> = batch
+            let shard: Vec<(u32, bool)> = batch
                 .iter()
                 .copied()
                 .skip(self.comm.rank())
@@ -271,60 +288,135 @@ impl Run<'_> {
     }
 
     /// Forward, backward, all-reduce, update. Returns the global batch loss.
-    fn train_step(&self, shard: &[u32], epoch: usize, step: u64, adam: &mut Adam) -> Result<f64> {
+    ///
+    /// Each rank's loss is its share of the global one (sums divided by global
+    /// counts), so summing gradients over ranks gives exactly the gradient of
+    /// one process on the whole batch.
+    fn train_step(
+        &self,
+        shard: &[(u32, bool)],
+        epoch: usize,
+        step: u64,
+        adam: &mut Adam,
+    ) -> Result<f64> {
         let cfg = self.cfg;
-        let all_positions = match self.model.objective() {
-            Objective::AllPositions => true,
-            Objective::LastPosition => false,
-            Objective::Cloze { .. } => bail!("cloze training is not supported by this trainer yet"),
-        };
-        let mut counts = [0f64];
-        let mut grad;
-        let mut loss_value = [0f64];
-        if shard.is_empty() {
-            self.comm.all_reduce_sum_f64(&mut counts)?;
-            grad = vec![0f32; adam.m.len()];
-        } else {
-            let (padded, targets) = next_item_batch(
-                &self.ds,
-                shard,
-                cfg.data.max_len,
-                cfg.data.pad_to_max_len,
-                all_positions,
-                cfg.seed,
-                epoch,
-            );
+        let batch = (!shard.is_empty()).then(|| self.batch(shard, epoch));
+        // Global numbers of targets and of samples.
+        let mut counts = [0f64, shard.len() as f64];
+        if let Some((_, targets)) = &batch {
             counts[0] = targets.count() as f64;
-            self.comm.all_reduce_sum_f64(&mut counts)?;
-            let dev = &self.device;
-            let (b, l) = (padded.b, padded.l);
-            let ids = Tensor::from_vec(padded.ids, (b, l), dev)?;
-            let mask = Tensor::from_vec(padded.mask, (b, l), dev)?;
-            let weight: Vec<f32> = targets.pos.iter().map(|&p| (p != 0) as u8 as f32).collect();
-            let weight = Tensor::from_vec(weight, b * l, dev)?;
-            let pos = Tensor::from_vec(targets.pos, b * l, dev)?;
-            let neg = Tensor::from_vec(targets.neg, b * l, dev)?;
-            let mut rng = Rng::derive(cfg.seed ^ 0x64726f70, step);
-            let mut ctx = ForwardCtx {
-                train: true,
-                rng: &mut rng,
-            };
-            let tables = self.model.tables()?;
-            let h = self
-                .model
-                .encode(&tables, &ids, &mask, &mut ctx)?
-                .reshape((b * l, ()))?;
-            let logits = |items: &Tensor| -> Result<Tensor> {
-                Ok((tables.output.index_select(items, 0)? * &h)?.sum(D::Minus1)?)
-            };
-            let loss = bce_loss(&logits(&pos)?, &logits(&neg)?, &weight, counts[0].max(1.0))?;
-            loss_value[0] = loss.to_scalar::<f32>()? as f64;
-            grad = flatten_grads(&self.plain_vars, &loss.backward()?)?;
         }
+        self.comm.all_reduce_sum_f64(&mut counts)?;
+        let mut loss_value = [0f64];
+        let mut grad = match batch {
+            None => vec![0f32; adam.m.len()],
+            Some((padded, targets)) => {
+                let dev = &self.device;
+                let (b, l) = (padded.b, padded.l);
+                let ids = Tensor::from_vec(padded.ids, (b, l), dev)?;
+                let mask = Tensor::from_vec(padded.mask, (b, l), dev)?;
+                let weight: Vec<f32> = targets.pos.iter().map(|&p| (p != 0) as u8 as f32).collect();
+                let weight = Tensor::from_vec(weight, b * l, dev)?;
+                let pos = Tensor::from_vec(targets.pos, b * l, dev)?;
+                let neg = Tensor::from_vec(targets.neg, b * l, dev)?;
+                let mut rng = Rng::derive(cfg.seed ^ 0x64726f70, step);
+                let mut ctx = ForwardCtx {
+                    train: true,
+                    rng: &mut rng,
+                };
+                let tables = self.model.tables()?;
+                let states = self.model.encode(&tables, &ids, &mask, &mut ctx)?;
+                let h = states.reshape((b * l, ()))?;
+                let logits = |items: &Tensor| -> Result<Tensor> {
+                    Ok((tables.output.index_select(items, 0)? * &h)?.sum(D::Minus1)?)
+                };
+                let mut loss =
+                    bce_loss(&logits(&pos)?, &logits(&neg)?, &weight, counts[0].max(1.0))?;
+                if let Some(retrieval) = self.model.retrieval() {
+                    let users: Vec<u32> = shard.iter().map(|&(u, _)| u).collect();
+                    let teacher = self.teacher(retrieval, &tables, &users, step)?;
+                    let student = last_position(&states)?;
+                    // MSE is a mean over this shard; weight it by its share of the batch.
+                    let share = shard.len() as f64 / counts[1];
+                    let sd = (retrieval.distill_loss(&student, &teacher)?
+                        * (share * self.model.alpha as f64))?;
+                    loss = (loss + sd)?;
+                }
+                loss_value[0] = loss.to_scalar::<f32>()? as f64;
+                flatten_grads(&self.plain_vars, &loss.backward()?)?
+            }
+        };
         self.comm.all_reduce_sum(&mut grad)?;
         self.comm.all_reduce_sum_f64(&mut loss_value)?;
         adam.step(&self.plain_vars, &grad)?;
         Ok(loss_value[0])
+    }
+
+    /// The padded inputs and targets of a shard for the backbone's objective.
+    fn batch(&self, shard: &[(u32, bool)], epoch: usize) -> (Padded, Targets) {
+        let cfg = self.cfg;
+        let (max_len, to_max) = (cfg.data.max_len, cfg.data.pad_to_max_len);
+        match self.model.objective() {
+            Objective::Cloze { mask_prob } => {
+                let mask_token = self
+                    .model
+                    .mask_token
+                    .expect("cloze models have a mask token");
+                cloze_batch(
+                    &self.ds, shard, max_len, to_max, mask_token, mask_prob, cfg.seed, epoch,
+                )
+            }
+            objective => {
+                let users: Vec<u32> = shard.iter().map(|&(u, _)| u).collect();
+                let all = objective == Objective::AllPositions;
+                next_item_batch(&self.ds, &users, max_len, to_max, all, cfg.seed, epoch)
+            }
+        }
+    }
+
+    /// The distillation teacher of each user: the mean of its similar users'
+    /// representations (their training input `train[:-1]`, last position),
+    /// computed by the same model in training mode, without gradient. Each
+    /// distinct teacher is encoded once per step.
+    fn teacher(
+        &self,
+        retrieval: &dyn Retrieval,
+        tables: &Tables,
+        users: &[u32],
+        step: u64,
+    ) -> Result<Tensor> {
+        let teachers = retrieval.teachers(users)?;
+        let mut distinct: Vec<u32> = teachers.concat();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let inputs: Vec<&[u32]> = distinct
+            .iter()
+            .map(|&t| {
+                let s = self.ds.train_seq(t as usize);
+                &s[..s.len().saturating_sub(1)]
+            })
+            .collect();
+        let padded = Padded::new(&inputs, self.cfg.data.max_len, self.cfg.data.pad_to_max_len);
+        let dev = &self.device;
+        let ids = Tensor::from_vec(padded.ids, (padded.b, padded.l), dev)?;
+        let mask = Tensor::from_vec(padded.mask, (padded.b, padded.l), dev)?;
+        let mut rng = Rng::derive(self.cfg.seed ^ 0x0074_6561_6368_6572, step);
+        let mut ctx = ForwardCtx {
+            train: true,
+            rng: &mut rng,
+        };
+        let reps = last_position(&self.model.encode(tables, &ids, &mask, &mut ctx)?)?.detach();
+        let mut avg = vec![0f32; users.len() * distinct.len()];
+        for (i, ts) in teachers.iter().enumerate() {
+            for t in ts {
+                let j = distinct
+                    .binary_search(t)
+                    .expect("teacher is in the distinct set");
+                avg[i * distinct.len() + j] += 1.0 / ts.len() as f32;
+            }
+        }
+        let avg = Tensor::from_vec(avg, (users.len(), distinct.len()), dev)?;
+        Ok(avg.matmul(&reps)?)
     }
 
     /// Ranks must hold identical parameters; a cheap checksum tells.
@@ -358,17 +450,7 @@ impl Run<'_> {
             .skip(self.comm.rank())
             .step_by(self.comm.size())
             .collect();
-        let ranks = eval::rank_targets(
-            &self.model,
-            &self.ds,
-            split,
-            &cfg.eval,
-            cfg.data.max_len,
-            cfg.data.pad_to_max_len,
-            cfg.seed,
-            &users,
-            &self.device,
-        )?;
+        let ranks = eval::rank_targets(&self.model, &self.ds, split, cfg, &users, &self.device)?;
         eval::aggregate(&ranks, &cfg.eval.ks, &self.grouping, self.comm)
     }
 
@@ -390,7 +472,7 @@ impl Run<'_> {
             "eval_mode": self.cfg.eval.mode,
             "world_size": self.comm.size(),
             "seconds": seconds,
-            "long_tail": crate::assemble::long_tail_summary(self.cfg, &self.ds)?,
+            "long_tail": self.long_tail,
         });
         if self.comm.rank() == 0 {
             write_json(&self.run_dir.join(RESULTS), &results)?;

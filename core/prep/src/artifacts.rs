@@ -66,6 +66,9 @@ pub struct EmbedConfig {
     pub user_history_column: String,
     /// Texts per encoder batch (default 64).
     pub batch_size: usize,
+    /// At most this many padded tokens per encoder batch (default 1024); long
+    /// texts run in smaller batches.
+    pub max_batch_tokens: usize,
     /// Tokenizer truncation in tokens (default: `min(max_position_embeddings,
     /// 512)`).
     pub max_tokens: Option<usize>,
@@ -92,6 +95,7 @@ impl Default for EmbedConfig {
             user_template: DEFAULT_USER_TEMPLATE.to_string(),
             user_history_column: "title".to_string(),
             batch_size: 64,
+            max_batch_tokens: crate::encoder::DEFAULT_MAX_BATCH_TOKENS,
             max_tokens: None,
             pca_dim: 64,
             neighbours: 100,
@@ -340,6 +344,9 @@ pub fn embed(
     if cfg.batch_size == 0 {
         bail!("batch_size must be at least 1");
     }
+    if cfg.max_batch_tokens == 0 {
+        bail!("max_batch_tokens must be at least 1");
+    }
     if cfg.knn_block == 0 {
         bail!("knn_block must be at least 1");
     }
@@ -467,7 +474,10 @@ pub fn embed(
     let get_encoder = |enc: &mut Option<SentenceEncoder>| -> Result<()> {
         if enc.is_none() {
             let t = Instant::now();
-            *enc = Some(SentenceEncoder::load(&cfg.model, &device, cfg.max_tokens)?);
+            *enc = Some(
+                SentenceEncoder::load(&cfg.model, &device, cfg.max_tokens)?
+                    .with_max_batch_tokens(cfg.max_batch_tokens),
+            );
             tracing::info!(
                 seconds = t.elapsed().as_secs_f64(),
                 "loaded {}",
@@ -913,7 +923,7 @@ impl Artifacts {
         check(&p, "scores", &scores, expected_users, Some(k), DType::F32)?;
         let flat: Vec<u32> = neighbours.flatten_all()?.to_vec1()?;
         for (pos, &j) in flat.iter().enumerate() {
-            let row = if k == 0 { 0 } else { pos / k };
+            let row = pos.checked_div(k).unwrap_or(0);
             if j as usize >= expected_users || j as usize == row {
                 bail!(
                     "{}: neighbour {j} of user row {row} is out of range or the user itself; {rerun}",

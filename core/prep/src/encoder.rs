@@ -58,9 +58,13 @@ pub struct SentenceEncoder {
     device: Device,
     dim: usize,
     max_tokens: usize,
+    max_batch_tokens: usize,
     pad_id: u32,
     dir: PathBuf,
 }
+
+/// Default cap on padded tokens per batch (see [`SentenceEncoder::with_max_batch_tokens`]).
+pub const DEFAULT_MAX_BATCH_TOKENS: usize = 1024;
 
 impl SentenceEncoder {
     /// Loads `config.json`, `tokenizer.json` and `model.safetensors` from
@@ -136,9 +140,19 @@ impl SentenceEncoder {
             device: device.clone(),
             dim: config.hidden_size,
             max_tokens,
+            max_batch_tokens: DEFAULT_MAX_BATCH_TOKENS,
             pad_id,
             dir: model_dir.to_path_buf(),
         })
+    }
+
+    /// Caps a batch at `n` padded tokens (texts x longest length; at least one
+    /// text per batch). Long texts then run in smaller batches, which keeps the
+    /// activations small: large fresh allocations cost page faults (the
+    /// attention scores alone are `batch x heads x len^2` floats).
+    pub fn with_max_batch_tokens(mut self, n: usize) -> Self {
+        self.max_batch_tokens = n.max(1);
+        self
     }
 
     /// Embedding width.
@@ -188,14 +202,21 @@ impl SentenceEncoder {
         if n == 0 {
             return Ok(Tensor::zeros((0, self.dim), DType::F32, &Device::Cpu)?);
         }
-        let start = Instant::now();
+        let t0 = Instant::now();
         let ids = self.token_ids(texts)?;
         let mut order: Vec<usize> = (0..n).collect();
         // Longest first: the largest batch runs first (fails fast on memory).
         order.sort_by(|&a, &b| ids[b].len().cmp(&ids[a].len()).then(a.cmp(&b)));
         let mut out = vec![0f32; n * self.dim];
         let bar = progress_bar(n as u64, label);
-        for batch in order.chunks(batch_size) {
+        let mut start = 0;
+        while start < n {
+            // Sorted longest first: the first text sets the padded length.
+            let longest = ids[order[start]].len().max(1);
+            let fit = (self.max_batch_tokens / longest).max(1);
+            let end = (start + batch_size.min(fit)).min(n);
+            let batch = &order[start..end];
+            start = end;
             let emb = self.embed_batch(batch.iter().map(|&i| ids[i].as_slice()))?;
             for (row, &i) in batch.iter().enumerate() {
                 out[i * self.dim..(i + 1) * self.dim]
@@ -204,7 +225,7 @@ impl SentenceEncoder {
             bar.inc(batch.len() as u64);
         }
         bar.finish_and_clear();
-        let secs = start.elapsed().as_secs_f64();
+        let secs = t0.elapsed().as_secs_f64();
         tracing::info!(
             texts = n,
             seconds = secs,

@@ -51,7 +51,7 @@ fn unknown_template_column_fails_before_any_work() {
 fn npy_of_wrong_shape() {
     let dir = tempfile::tempdir().unwrap();
     let mut header = "{'descr': '<f4', 'fortran_order': False, 'shape': (3, 2), }".to_string();
-    while (10 + header.len() + 1) % 64 != 0 {
+    while !(10 + header.len() + 1).is_multiple_of(64) {
         header.push(' ');
     }
     header.push('\n');

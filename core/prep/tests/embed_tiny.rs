@@ -1,25 +1,39 @@
-//! End to end on beauty5_tiny: prepare, embed (MiniLM), rerun without work,
-//! load and check shapes; forced recompute; imports.
+//! End to end on the first 30 users of beauty5_tiny: prepare, embed (MiniLM),
+//! rerun without work, load and check shapes; forced recompute; imports.
 
 mod common;
 
 use llm_esr_prep::artifacts::{embed, Artifacts, EmbedConfig, StageStatus};
 use llm_esr_prep::import::ImportSpec;
 use llm_esr_prep::prepare::{prepare, PrepareConfig};
-use llm_esr_runtime::candle::{DType, Device, Tensor};
+use llm_esr_runtime::candle::{DType, Device};
 
 #[test]
 fn embed_tiny_end_to_end() {
+    // A small raw dataset: the first 30 users, with the full item text file.
+    let tiny = common::dataset("beauty5_tiny");
+    let raw = tempfile::tempdir().unwrap();
+    let inter = std::fs::read_to_string(tiny.join("inter.txt")).unwrap();
+    let subset: String = inter
+        .lines()
+        .filter(|l| l.split(' ').next().unwrap().parse::<u32>().unwrap() <= 30)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(raw.path().join("inter.txt"), subset).unwrap();
+    std::fs::copy(tiny.join("item_text.tsv"), raw.path().join("item_text.tsv")).unwrap();
     let data = tempfile::tempdir().unwrap();
     let cfg = PrepareConfig {
-        interactions: common::dataset("beauty5_tiny").join("inter.txt"),
+        interactions: raw.path().join("inter.txt"),
         ..PrepareConfig::default()
     };
-    prepare(&cfg, data.path()).unwrap();
+    let summary = prepare(&cfg, data.path()).unwrap();
+    let (n_items, n_users) = (summary.items, summary.users);
+    assert_eq!(n_users, 30);
+    assert!(n_items > 100);
     let out = tempfile::tempdir().unwrap();
     let ecfg = EmbedConfig {
         model: common::minilm(),
-        max_tokens: Some(128),
+        max_tokens: Some(64),
         pca_dim: 16,
         neighbours: 10,
         knn_block: 128,
@@ -28,7 +42,7 @@ fn embed_tiny_end_to_end() {
     let s = embed(&ecfg, data.path(), out.path(), false).unwrap();
     assert_eq!(
         (s.items, s.users, s.item_dim, s.user_dim),
-        (579, 400, 384, 384)
+        (n_items, n_users, 384, 384)
     );
     assert!(
         s.stages.iter().all(|st| st.status == StageStatus::Computed),
@@ -47,13 +61,12 @@ fn embed_tiny_end_to_end() {
         s2.stages
     );
     assert!((s2.explained_variance - s.explained_variance).abs() < 1e-12);
-    eprintln!("stages: {:?}", s.stages);
 
-    let a = Artifacts::load(out.path(), 579, 400, &Device::Cpu).unwrap();
-    assert_eq!(a.item_emb.dims(), &[580, 384]);
-    assert_eq!(a.pca.dims(), &[580, 16]);
-    assert_eq!(a.user_emb.as_ref().unwrap().dims(), &[400, 384]);
-    assert_eq!(a.neighbours.dims(), &[400, 10]);
+    let a = Artifacts::load(out.path(), n_items, n_users, &Device::Cpu).unwrap();
+    assert_eq!(a.item_emb.dims(), &[n_items + 1, 384]);
+    assert_eq!(a.pca.dims(), &[n_items + 1, 16]);
+    assert_eq!(a.user_emb.as_ref().unwrap().dims(), &[n_users, 384]);
+    assert_eq!(a.neighbours.dims(), &[n_users, 10]);
     assert_eq!(a.neighbours.dtype(), DType::U32);
     let row0: Vec<f32> = a.item_emb.get(0).unwrap().to_vec1().unwrap();
     assert!(row0.iter().all(|&v| v == 0.0));
@@ -68,7 +81,7 @@ fn embed_tiny_end_to_end() {
     // Wrong expectations are refused with the rerun hint.
     let e = format!(
         "{:#}",
-        Artifacts::load(out.path(), 578, 400, &Device::Cpu).unwrap_err()
+        Artifacts::load(out.path(), n_items - 1, n_users, &Device::Cpu).unwrap_err()
     );
     assert!(e.contains("rerun `llm-esr-orch embed CONFIG`"), "{e}");
 
@@ -92,7 +105,7 @@ fn embed_tiny_end_to_end() {
     // Import the computed tables back (items without the padding row) into a new
     // directory: same PCA and neighbours.
     let imp = tempfile::tempdir().unwrap();
-    let items = a.item_emb.narrow(0, 1, 579).unwrap();
+    let items = a.item_emb.narrow(0, 1, n_items).unwrap();
     items
         .save_safetensors("e", imp.path().join("items.safetensors"))
         .unwrap();
@@ -116,7 +129,7 @@ fn embed_tiny_end_to_end() {
     let out2 = tempfile::tempdir().unwrap();
     let s4 = embed(&icfg, data.path(), out2.path(), false).unwrap();
     assert_eq!(s4.stages[0].status, StageStatus::Imported);
-    let b = Artifacts::load(out2.path(), 579, 400, &Device::Cpu).unwrap();
+    let b = Artifacts::load(out2.path(), n_items, n_users, &Device::Cpu).unwrap();
     let diff = (b.pca - &a.pca)
         .unwrap()
         .abs()
@@ -143,7 +156,7 @@ fn embed_tiny_end_to_end() {
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
     let e = format!(
         "{:#}",
-        Artifacts::load(out2.path(), 579, 400, &Device::Cpu).unwrap_err()
+        Artifacts::load(out2.path(), n_items, n_users, &Device::Cpu).unwrap_err()
     );
     assert!(
         e.contains("pca.safetensors") && e.contains("truncated or corrupt"),
@@ -151,5 +164,4 @@ fn embed_tiny_end_to_end() {
     );
     let s6 = embed(&icfg, data.path(), out2.path(), false).unwrap();
     assert_eq!(s6.stages[2].status, StageStatus::Computed);
-    let _ = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
 }

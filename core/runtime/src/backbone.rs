@@ -32,13 +32,27 @@ pub enum Objective {
     Cloze { mask_prob: f32 },
 }
 
-/// A built encoder.
+/// A built encoder, in two stages so that LLM-ESR can fuse the two views
+/// between them (as the official code does): `embed` is the input layer
+/// applied to each view's item sequence (e.g. scaling, positions, dropout),
+/// `encode_embedded` the sequence encoder. All tensors are left padded: `mask`
+/// (b, l) is f32 with 1 at items and 0 at padding. Implementations take the
+/// device from their inputs.
 pub trait Backbone: Send + Sync {
-    /// Encodes left-padded item embeddings `items` (b, l, d) under `mask` (b, l),
-    /// an f32 tensor with 1 at items and 0 at padding. Returns (b, l, d); rows at
-    /// padding positions are zero. The backbone adds its own input processing
-    /// (scaling, positions, input dropout) and must take the device from `items`.
-    fn encode(&self, items: &Tensor, mask: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor>;
+    /// The input layer over item embeddings (b, l, d). Default: identity.
+    fn embed(&self, items: &Tensor, _mask: &Tensor, _ctx: &mut ForwardCtx) -> Result<Tensor> {
+        Ok(items.clone())
+    }
+
+    /// Encodes embedded inputs (b, l, d) into (b, l, d); rows at padding
+    /// positions are zero.
+    fn encode_embedded(&self, x: &Tensor, mask: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor>;
+
+    /// `embed` then `encode_embedded`.
+    fn encode(&self, items: &Tensor, mask: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        let x = self.embed(items, mask, ctx)?;
+        self.encode_embedded(&x, mask, ctx)
+    }
 
     fn objective(&self) -> Objective;
 }

@@ -147,7 +147,7 @@ impl Bert4Rec {
 }
 
 impl Backbone for Bert4Rec {
-    fn encode(&self, items: &Tensor, mask: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
+    fn embed(&self, items: &Tensor, mask: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
         let (b, l, d) = items.dims3()?;
         if d != self.hidden {
             llm_esr_runtime::candle::bail!("bert4rec: input width {d}, expected {}", self.hidden);
@@ -166,8 +166,11 @@ impl Backbone for Bert4Rec {
         }
         let pos = self.positional(mask, l)?;
         let x = (items * (d as f64).sqrt())?.broadcast_add(&pos)?;
-        let x = ops::dropout(&x, self.dropout, ctx)?;
-        self.encoder.forward(&x, mask, ctx)
+        ops::dropout(&x, self.dropout, ctx)
+    }
+
+    fn encode_embedded(&self, x: &Tensor, mask: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        self.encoder.forward(x, mask, ctx)
     }
 
     fn objective(&self) -> Objective {

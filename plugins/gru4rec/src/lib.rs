@@ -140,7 +140,13 @@ impl Gru4Rec {
 }
 
 impl Backbone for Gru4Rec {
-    fn encode(&self, items: &Tensor, mask: &Tensor, _ctx: &mut ForwardCtx) -> Result<Tensor> {
+    // No input layer: the official GRU4Rec feeds raw embeddings.
+    fn encode_embedded(
+        &self,
+        items: &Tensor,
+        mask: &Tensor,
+        _ctx: &mut ForwardCtx,
+    ) -> Result<Tensor> {
         let (b, l, d) = items.dims3()?;
         if d != self.hidden {
             llm_esr_runtime::candle::bail!("gru4rec: input width {d}, expected {}", self.hidden);

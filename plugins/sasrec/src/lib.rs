@@ -106,7 +106,7 @@ impl SasRec {
 }
 
 impl Backbone for SasRec {
-    fn encode(&self, items: &Tensor, mask: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
+    fn embed(&self, items: &Tensor, mask: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
         let (_, l, d) = items.dims3()?;
         if d != self.hidden {
             llm_esr_runtime::candle::bail!("sasrec: input width {d}, expected {}", self.hidden);
@@ -118,8 +118,11 @@ impl Backbone for SasRec {
             );
         }
         let x = ((items * (d as f64).sqrt())? + self.positional(mask)?)?;
-        let x = ops::dropout(&x, self.dropout, ctx)?;
-        self.encoder.forward(&x, mask, ctx)
+        ops::dropout(&x, self.dropout, ctx)
+    }
+
+    fn encode_embedded(&self, x: &Tensor, mask: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
+        self.encoder.forward(x, mask, ctx)
     }
 
     fn objective(&self) -> Objective {
