@@ -76,6 +76,16 @@ pub enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Benchmark: median training-step time of a config (writes nothing).
+    Bench {
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        #[arg(long, default_value_t = 30)]
+        steps: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+    },
     /// Print the results of finished runs as one table (like the paper's Table 1).
     Report {
         /// Run directories (each with a results.json).
@@ -132,6 +142,21 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
                 Err(e) => Err(e),
             }
+        }
+        Command::Bench {
+            config,
+            set,
+            steps,
+            warmup,
+        } => {
+            let cfg = Config::load(&config, &set)?;
+            let comm = llm_esr_comm::init(llm_esr_comm::Backend::parse(&cfg.distributed.backend)?)?;
+            logging::init(cli.log_format, comm.rank());
+            let out = train::bench(&cfg, comm.as_ref(), warmup, steps)?;
+            if comm.rank() == 0 {
+                println!("{}", serde_json::to_string(&out)?);
+            }
+            Ok(())
         }
         Command::Prepare { config, set } => {
             logging::init(cli.log_format, 0);

@@ -6,7 +6,30 @@ use clap::Parser;
 use llm_esr_orch::cli::{run, Cli};
 use llm_esr_orch::config::is_config_error;
 
+/// Training allocates and frees many large tensors per step; glibc's default
+/// returns each one to the kernel (mmap/munmap), and the page faults cost as
+/// much system time as the arithmetic. Keep freed memory in the heap instead.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    extern "C" {
+        fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+    }
+    const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
+    const M_TOP_PAD: std::ffi::c_int = -2;
+    const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+    // SAFETY: mallopt only adjusts allocator parameters; called before any thread starts.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 32 << 20);
+        mallopt(M_TRIM_THRESHOLD, 512 << 20);
+        mallopt(M_TOP_PAD, 64 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     // candle's elementwise thread pool spin-waits; on few cores one thread for
     // it (gemm keeps its own) is measurably faster. Respect an explicit value.
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {

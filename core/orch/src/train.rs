@@ -77,53 +77,112 @@ pub fn train(
     if rank0 {
         write_atomic(&run_dir.join(RESOLVED), cfg.to_yaml()?.as_bytes())?;
     }
-    let device = parse_device(&cfg.train.device, comm.local_rank())?;
-    let ds = Dataset::load(&cfg.data_dir()?)?;
-    info!(
-        users = ds.num_users,
-        items = ds.num_items,
-        interactions = ds.num_interactions(),
-        dir = %ds.dir.display(),
-        "dataset"
+    Run::new(cfg, comm)?.fit(opts)
+}
+
+/// Times `steps` training steps (forward, backward, all-reduce, update) after
+/// `warmup` untimed ones; writes nothing. Returns the step times in ms and
+/// their median.
+pub fn bench(
+    cfg: &Config,
+    comm: &dyn Communicator,
+    warmup: usize,
+    steps: usize,
+) -> Result<serde_json::Value> {
+    let run = Run::new(cfg, comm)?;
+    let n: usize = run.plain_vars.iter().map(|v| v.elem_count()).sum();
+    let mut adam = Adam::new(
+        n,
+        cfg.train.lr,
+        cfg.train.adam_betas,
+        cfg.train.adam_eps,
+        cfg.train.weight_decay,
     );
-    let lt = crate::assemble::long_tail_groups(cfg, &ds)?;
-    info!(
-        item_threshold = lt.summary.item_threshold,
-        user_threshold = lt.summary.user_threshold,
-        head_items = lt.summary.head_items,
-        tail_items = lt.summary.tail_items,
-        head_users = lt.summary.head_users,
-        tail_users = lt.summary.tail_users,
-        "long-tail groups"
-    );
-    let artifacts = crate::assemble::artifacts(cfg, &ds, &device)?;
-    let model = crate::assemble::build(cfg, &ds, artifacts.as_ref(), &device)?;
-    drop(artifacts);
-    let vars = model.vars();
-    let plain_vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
-    info!(
-        backbone = %cfg.model.backbone,
-        variant = ?cfg.model.variant,
-        parameters = model.store.num_scalars(),
-        ranks = comm.size(),
-        backend = comm.backend(),
-        "model"
-    );
-    let grouping = crate::assemble::grouping(&lt);
-    let long_tail = serde_json::to_value(&lt.summary)?;
-    let run = Run {
-        cfg,
-        comm,
-        ds,
-        model,
-        vars,
-        plain_vars,
-        device,
-        grouping,
-        long_tail,
-        run_dir,
-    };
-    run.fit(opts)
+    let mut samples = training_samples(&run.ds, run.model.objective());
+    Rng::derive(cfg.seed, 0).shuffle(&mut samples);
+    let mut times = Vec::with_capacity(steps);
+    for (step, batch) in samples
+        .chunks(cfg.train.batch_size)
+        .cycle()
+        .take(warmup + steps)
+        .enumerate()
+    {
+        let shard: Vec<(u32, bool)> = batch
+            .iter()
+            .copied()
+            .skip(comm.rank())
+            .step_by(comm.size())
+            .collect();
+        let t0 = Instant::now();
+        run.train_step(&shard, 0, step as u64, &mut adam)?;
+        if step >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    Ok(json!({
+        "name": cfg.name,
+        "backbone": cfg.model.backbone,
+        "variant": cfg.model.variant,
+        "batch_size": cfg.train.batch_size,
+        "max_len": cfg.data.max_len,
+        "ranks": comm.size(),
+        "parameters": run.model.store.num_scalars(),
+        "median_step_ms": median,
+        "step_ms": times,
+    }))
+}
+
+impl<'a> Run<'a> {
+    /// Loads the dataset, long-tail groups, artifacts and model of `cfg`.
+    fn new(cfg: &'a Config, comm: &'a dyn Communicator) -> Result<Run<'a>> {
+        let device = parse_device(&cfg.train.device, comm.local_rank())?;
+        let ds = Dataset::load(&cfg.data_dir()?)?;
+        info!(
+            users = ds.num_users,
+            items = ds.num_items,
+            interactions = ds.num_interactions(),
+            dir = %ds.dir.display(),
+            "dataset"
+        );
+        let lt = crate::assemble::long_tail_groups(cfg, &ds)?;
+        info!(
+            item_threshold = lt.summary.item_threshold,
+            user_threshold = lt.summary.user_threshold,
+            head_items = lt.summary.head_items,
+            tail_items = lt.summary.tail_items,
+            head_users = lt.summary.head_users,
+            tail_users = lt.summary.tail_users,
+            "long-tail groups"
+        );
+        let artifacts = crate::assemble::artifacts(cfg, &ds, &device)?;
+        let model = crate::assemble::build(cfg, &ds, artifacts.as_ref(), &device)?;
+        drop(artifacts);
+        let vars = model.vars();
+        let plain_vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+        info!(
+            backbone = %cfg.model.backbone,
+            variant = ?cfg.model.variant,
+            parameters = model.store.num_scalars(),
+            ranks = comm.size(),
+            backend = comm.backend(),
+            "model"
+        );
+        Ok(Run {
+            cfg,
+            comm,
+            grouping: crate::assemble::grouping(&lt),
+            long_tail: serde_json::to_value(&lt.summary)?,
+            ds,
+            model,
+            vars,
+            plain_vars,
+            device,
+            run_dir: cfg.run_dir()?,
+        })
+    }
 }
 
 fn prepare_run_dir(dir: &Path, resume: bool, rank0: bool) -> Result<()> {

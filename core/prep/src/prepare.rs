@@ -498,17 +498,12 @@ fn read_text(
     item_new: &[u32],
     n_items: usize,
 ) -> Result<TextRows> {
-    let mut table = if path.extension().is_some_and(|e| e == "item") {
+    let table = if path.extension().is_some_and(|e| e == "item") {
         Table::read_recbole(path)?
     } else {
         let d = guess_delimiter(path, cfg.item_text_delimiter)?;
         Table::read(path, d)?
     };
-    if cfg.format == InputFormat::Recbole && !table.columns.iter().any(|c| c == "title") {
-        if let Some(c) = table.columns.iter_mut().find(|c| c.contains("title")) {
-            *c = "title".to_string();
-        }
-    }
     let id_col = table.column(&cfg.item_text_id_column, "item_text_id_column")?;
     let columns: Vec<usize> = if cfg.item_text_columns.is_empty() {
         (0..table.columns.len()).filter(|&c| c != id_col).collect()
@@ -519,7 +514,14 @@ fn read_text(
         }
         v
     };
-    let names: Vec<String> = columns.iter().map(|&c| table.columns[c].clone()).collect();
+    let mut names: Vec<String> = columns.iter().map(|&c| table.columns[c].clone()).collect();
+    // RecBole names the title e.g. `movie_title`; templates and user prompts
+    // expect `title`.
+    if cfg.format == InputFormat::Recbole && !names.iter().any(|c| c == "title") {
+        if let Some(c) = names.iter_mut().find(|c| c.contains("title")) {
+            *c = "title".to_string();
+        }
+    }
     let mut rows: Vec<Option<Vec<String>>> = vec![None; n_items + 1];
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (line, fields) in &table.rows {

@@ -1,0 +1,208 @@
+//! LLM-ESR end to end on beauty5_tiny: artifacts (imported vectors, so no
+//! encoder run is needed), every variant and ablation trains, the five
+//! long-tail groups are reported, and `recommend` never returns a seen item.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use llm_esr_tests::{dataset, results, run_cli, text};
+
+/// Writes a C-order f32 `.npy` matrix.
+fn write_npy(path: &Path, rows: usize, cols: usize, seed: u64) {
+    let mut rng = llm_esr_runtime::Rng::new(seed);
+    let mut header =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    while !(10 + header.len() + 1).is_multiple_of(64) {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    for _ in 0..rows * cols {
+        bytes.extend((rng.normal() as f32).to_le_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+/// Artifacts for beauty5_tiny from random 80-d vectors, made once per test binary.
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        write_npy(&root.join("items.npy"), 579, 80, 1);
+        write_npy(&root.join("users.npy"), 400, 80, 2);
+        let args = base_args(&root, "artifacts");
+        let mut args: Vec<String> = args;
+        args.insert(0, "embed".into());
+        args.extend([
+            "--set".into(),
+            format!(
+                "embed.item_import={{path: {}}}",
+                root.join("items.npy").display()
+            ),
+            "--set".into(),
+            format!(
+                "embed.user_import={{path: {}}}",
+                root.join("users.npy").display()
+            ),
+        ]);
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run_cli(&a, &[]);
+        assert!(out.status.success(), "embed failed: {}", text(&out.stderr));
+        Fixture { _dir: dir, root }
+    })
+}
+
+fn base_args(root: &Path, name: &str) -> Vec<String> {
+    [
+        "configs/beauty5_tiny_llmesr.yaml".to_string(),
+        "--set".into(),
+        format!("data.dir={}", dataset("beauty5_tiny").display()),
+        "--set".into(),
+        format!("model.artifacts={}", root.join("artifacts").display()),
+        "--set".into(),
+        format!("output_dir={}", root.join("runs").display()),
+        "--set".into(),
+        format!("name={name}"),
+    ]
+    .to_vec()
+}
+
+fn train(name: &str, extra: &[&str]) -> serde_json::Value {
+    let f = fixture();
+    let mut args = vec!["train".to_string()];
+    args.extend(base_args(&f.root, name));
+    args.extend(["--set".into(), "train.epochs=2".into()]);
+    for e in extra {
+        args.extend(["--set".into(), e.to_string()]);
+    }
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_cli(&a, &[]);
+    assert!(out.status.success(), "{name}: {}", text(&out.stderr));
+    results(&f.root.join("runs").join(name))
+}
+
+#[test]
+fn llmesr_reports_all_five_groups() {
+    let r = train("full", &[]);
+    for split in ["valid", "test"] {
+        for g in [
+            "overall",
+            "tail_item",
+            "head_item",
+            "tail_user",
+            "head_user",
+        ] {
+            for m in ["HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20"] {
+                let v = r[split][g][m]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{split}.{g}.{m} missing"));
+                assert!((0.0..=1.0).contains(&v));
+            }
+        }
+        let users = |g: &str| r[split][g]["users"].as_f64().unwrap();
+        assert_eq!(users("tail_item") + users("head_item"), users("overall"));
+        assert_eq!(users("tail_user") + users("head_user"), users("overall"));
+        assert!(users("tail_item") > 0.0 && users("head_item") > 0.0);
+    }
+    assert!(r["long_tail"]["item_threshold"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn every_variant_and_ablation_trains() {
+    for (name, set) in [
+        ("plain", vec!["model.variant=plain"]),
+        ("llminit", vec!["model.variant=llminit"]),
+        ("wo_co", vec!["model.co_view=false"]),
+        ("wo_se", vec!["model.se_view=false"]),
+        ("wo_sd", vec!["model.distill=false"]),
+        ("wo_share", vec!["model.share_encoder=false"]),
+        ("wo_ca", vec!["model.cross_attention=false"]),
+        (
+            "gru4rec",
+            vec!["model.backbone=gru4rec", "model.encoder={}"],
+        ),
+        (
+            "bert4rec",
+            vec!["model.backbone=bert4rec", "model.encoder={}"],
+        ),
+    ] {
+        let mut extra = set.clone();
+        extra.push("train.epochs=1");
+        let r = train(name, &extra);
+        assert_eq!(r["epochs_run"], 1, "{name}");
+        assert!(r["test"]["overall"]["NDCG@10"].is_f64(), "{name}");
+    }
+}
+
+#[test]
+fn recommend_never_returns_a_seen_item() {
+    let f = fixture();
+    train("for_recommend", &[]);
+    let run = f.root.join("runs/for_recommend");
+    let run_s = run.display().to_string();
+    let out = run_cli(
+        &[
+            "recommend",
+            &run_s,
+            "--user",
+            "1",
+            "--user",
+            "7",
+            "--k",
+            "50",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let inter = std::fs::read_to_string(dataset("beauty5_tiny").join("inter.txt")).unwrap();
+    for rec in v["recommendations"].as_array().unwrap() {
+        let u = rec["user"].as_u64().unwrap().to_string();
+        let seen: Vec<&str> = inter
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(a, _)| *a == u)
+            .map(|(_, b)| b)
+            .collect();
+        let items = rec["items"].as_array().unwrap();
+        assert_eq!(items.len(), 50);
+        for it in items {
+            let id = it["item"].as_u64().unwrap().to_string();
+            assert!(!seen.contains(&id.as_str()), "user {u} got seen item {id}");
+        }
+        let scores: Vec<f64> = items.iter().map(|i| i["score"].as_f64().unwrap()).collect();
+        assert!(scores.windows(2).all(|w| w[0] >= w[1]), "not sorted");
+    }
+    let bad = run_cli(&["recommend", &run_s, "--user", "99999"], &[]);
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("unknown user 99999"),
+        "{}",
+        text(&bad.stderr)
+    );
+}
+
+#[test]
+fn mismatched_artifacts_are_a_clear_error_at_start() {
+    let f = fixture();
+    // beauty5 (12k items) with the tiny artifacts.
+    let mut args = vec!["train".to_string()];
+    args.extend(base_args(&f.root, "mismatch"));
+    args.extend([
+        "--set".into(),
+        format!("data.dir={}", dataset("beauty5").display()),
+    ]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_cli(&a, &[]);
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("embed") && err.contains("579"), "{err}");
+}
