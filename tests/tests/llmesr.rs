@@ -206,3 +206,62 @@ fn mismatched_artifacts_are_a_clear_error_at_start() {
     assert!(!out.status.success());
     assert!(err.contains("embed") && err.contains("579"), "{err}");
 }
+
+/// Through the assembled model (plugins loaded from disk), every trainable
+/// parameter receives a gradient, and the frozen LLM table is no parameter
+/// (candle computes a gradient for every input of a tracked op, constants
+/// included, so "none" means: nothing the optimizer updates).
+#[test]
+fn gradients_reach_every_parameter_and_never_the_frozen_table() {
+    use llm_esr_orch::{assemble, config::Config, data::Dataset};
+    use llm_esr_runtime::candle::{Device, Tensor};
+    use llm_esr_runtime::{ForwardCtx, Rng};
+
+    let f = fixture();
+    let args = base_args(&f.root, "grads");
+    let overrides: Vec<String> = args[1..]
+        .iter()
+        .filter(|a| *a != "--set")
+        .cloned()
+        .collect();
+    let cfg = Config::load(&llm_esr_tests::workspace_root().join(&args[0]), &overrides).unwrap();
+    let ds = Dataset::load(&cfg.data_dir().unwrap()).unwrap();
+    let dev = Device::Cpu;
+    let artifacts = assemble::artifacts(&cfg, &ds, &dev).unwrap();
+    let model = assemble::build(&cfg, &ds, artifacts.as_ref(), &dev).unwrap();
+    let ids = Tensor::new(&[[0u32, 3, 5, 9], [2, 4, 6, 8]], &dev).unwrap();
+    let mask = Tensor::new(&[[0f32, 1., 1., 1.], [1., 1., 1., 1.]], &dev).unwrap();
+    let mut rng = Rng::new(3);
+    let mut ctx = ForwardCtx {
+        train: true,
+        rng: &mut rng,
+    };
+    let tables = model.tables().unwrap();
+    let states = model.encode(&tables, &ids, &mask, &mut ctx).unwrap();
+    let loss =
+        (states.sqr().unwrap().sum_all().unwrap() + tables.output.sum_all().unwrap()).unwrap();
+    let grads = loss.backward().unwrap();
+    let vars = model.vars();
+    assert!(vars.len() > 30, "{} parameters", vars.len());
+    for (name, var) in &vars {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(norm > 0.0, "{name}: zero gradient");
+    }
+    let frozen = model
+        .semantic_table()
+        .expect("LLM-ESR has a semantic table");
+    assert!(
+        vars.iter().all(|(_, v)| v.as_tensor().id() != frozen.id()),
+        "the frozen LLM table is a trainable parameter"
+    );
+    assert!(!frozen.is_variable());
+}

@@ -153,7 +153,8 @@ impl Recommender {
         };
         let semantic = match (se_view, artifacts) {
             (true, Some(a)) => {
-                let table = pad_rows(&a.item_emb.to_device(device)?, rows)?;
+                // Frozen: a detached constant, never a parameter.
+                let table = pad_rows(&a.item_emb.to_device(device)?, rows)?.detach();
                 Some(SemanticView::load(vb.pp("adapter"), table, m.hidden)?)
             }
             _ => None,
@@ -290,6 +291,11 @@ impl Recommender {
     pub fn score_all(&self, tables: &Tables, user_vecs: &Tensor) -> Result<Tensor> {
         let out = tables.output.narrow(0, 0, self.num_items + 1)?;
         Ok(user_vecs.matmul(&out.t()?)?)
+    }
+
+    /// The frozen semantic table `E_se`, when the model has a semantic view.
+    pub fn semantic_table(&self) -> Option<&Tensor> {
+        self.semantic.as_ref().map(|s| &s.table)
     }
 
     /// The trainable variables in creation order (the frozen `E_se` is not one).
