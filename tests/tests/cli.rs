@@ -67,7 +67,10 @@ fn a_misspelled_key_is_a_clear_error() {
 #[test]
 fn a_bad_override_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = write_config(tmp.path(), "name: x\n");
+    let cfg = write_config(
+        tmp.path(),
+        &format!("name: x\noutput_dir: {}\n", tmp.path().display()),
+    );
     let out = run_cli(&["train", &cfg, "--set", "train.epochz=3"], &[]);
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
@@ -104,7 +107,10 @@ fn an_unset_variable_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = write_config(
         tmp.path(),
-        "name: x\ndata:\n  dir: ${NO_SUCH_VARIABLE_XYZ}/d\n",
+        &format!(
+            "name: x\noutput_dir: {}\ndata:\n  dir: ${{NO_SUCH_VARIABLE_XYZ}}/d\n",
+            tmp.path().display()
+        ),
     );
     let out = run_cli(&["train", &cfg], &[]);
     let stderr = text(&out.stderr);

@@ -3,7 +3,8 @@
 //! Every section rejects unknown keys, and a YAML error carries the line and
 //! column, so a typo is caught before any work starts. `${VAR}` in path values
 //! expands from the environment; `LLM_ESR_DATA` and `LLM_ESR_MODELS` default to
-//! `../shared/datasets` and `../shared/models` when those exist.
+//! `../shared/datasets` and `../shared/models` when those exist, and
+//! `LLM_ESR_CACHE` to `~/.cache/llm-esr-orch`.
 
 use std::path::{Path, PathBuf};
 
@@ -432,6 +433,10 @@ fn merge(into: &mut serde_yaml::Value, over: serde_yaml::Value) {
 
 /// Default for a variable when unset: a directory beside the project, if present.
 fn env_default(var: &str) -> Option<String> {
+    if var == "LLM_ESR_CACHE" {
+        let home = std::env::var("HOME").ok().filter(|h| !h.is_empty())?;
+        return Some(format!("{home}/.cache/llm-esr-orch"));
+    }
     let sub = match var {
         "LLM_ESR_DATA" => "datasets",
         "LLM_ESR_MODELS" => "models",

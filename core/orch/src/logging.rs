@@ -1,6 +1,6 @@
 //! Logs through tracing-subscriber: readable text on a terminal, or one JSON
 //! object per line (`--log-format json`). Ranks other than 0 log warnings and
-//! errors only, prefixed with their rank.
+//! errors only (each line carries no rank; fatal errors name the rank).
 
 use tracing_subscriber::EnvFilter;
 

@@ -71,6 +71,17 @@ pub fn train(
     comm: &dyn Communicator,
 ) -> Result<serde_json::Value> {
     let rank0 = comm.rank() == 0;
+    // Check the inputs before a run directory exists.
+    let inter = cfg.data_dir()?.join("inter.txt");
+    if !inter.is_file() {
+        bail!(
+            "{} not found: point `data.dir` at a prepared dataset (run `llm-esr-orch prepare CONFIG` to make one)",
+            inter.display()
+        );
+    }
+    if cfg.model.variant != crate::config::Variant::Plain {
+        cfg.artifacts_dir()?;
+    }
     let run_dir = cfg.run_dir()?;
     prepare_run_dir(&run_dir, opts.resume, rank0)?;
     comm.barrier()?;

@@ -281,7 +281,15 @@ fn save_tensors(path: &Path, tensors: &[(&str, Tensor)]) -> Result<String> {
         .collect::<Result<_>>()?;
     with_temp_path(path, |tmp| {
         llm_esr_runtime::candle::safetensors::save(&map, tmp)
-            .with_context(|| format!("writing {}", path.display()))
+            .with_context(|| format!("writing {}", path.display()))?;
+        // The safetensors writer creates its file private (0600); artifacts are
+        // shared like every other output.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o644));
+        }
+        Ok(())
     })?;
     sha256_file(path)
 }

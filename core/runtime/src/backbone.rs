@@ -48,7 +48,9 @@ pub trait Backbone: Send + Sync {
     /// positions are zero.
     fn encode_embedded(&self, x: &Tensor, mask: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor>;
 
-    /// `embed` then `encode_embedded`.
+    /// `embed` then `encode_embedded`. The orchestrator calls the two stages
+    /// itself (it fuses views between them), so overriding this has no effect
+    /// on training.
     fn encode(&self, items: &Tensor, mask: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
         let x = self.embed(items, mask, ctx)?;
         self.encode_embedded(&x, mask, ctx)

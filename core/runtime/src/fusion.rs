@@ -24,9 +24,9 @@ pub trait Fusion: Send + Sync {
         ctx: &mut ForwardCtx,
     ) -> Result<(Tensor, Tensor)>;
 
-    /// Logit-level fusion: the user vector from the two views' user vectors
-    /// (b, d) each, and the item vector from the two item tables (n, d) each, so
-    /// that score = <user, item>.
+    /// Logit-level fusion: the user states from the two views' encoder outputs
+    /// (any leading shape, e.g. (b, l, d)), and the item vectors from the two
+    /// item tables (n, d) each, so that score = <user, item>.
     fn user_vector(&self, u_co: &Tensor, u_se: &Tensor) -> Result<Tensor>;
     fn item_vector(&self, e_co: &Tensor, e_se: &Tensor) -> Result<Tensor>;
 }
