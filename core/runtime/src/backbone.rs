@@ -64,3 +64,28 @@ pub trait BackbonePlugin: Send + Sync {
     /// Builds the encoder; every weight is created through `vb`.
     fn build(&self, vb: VarBuilder, spec: &BackboneSpec) -> Result<Box<dyn Backbone>>;
 }
+
+/// Checks a backbone's inputs: `items` (b, l, `hidden`) with l <= `max_len`
+/// and `mask` (b, l). Returns (b, l, d); errors name the plugin.
+pub fn check_input(
+    plugin: &str,
+    items: &Tensor,
+    mask: &Tensor,
+    hidden: usize,
+    max_len: usize,
+) -> Result<(usize, usize, usize)> {
+    let (b, l, d) = items.dims3()?;
+    if d != hidden {
+        candle_core::bail!("{plugin}: input width {d}, expected {hidden}");
+    }
+    if l > max_len {
+        candle_core::bail!("{plugin}: sequence length {l} exceeds max_len {max_len}");
+    }
+    if mask.dims() != [b, l] {
+        candle_core::bail!(
+            "{plugin}: mask has shape {:?}, expected ({b}, {l})",
+            mask.dims()
+        );
+    }
+    Ok((b, l, d))
+}

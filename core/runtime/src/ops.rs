@@ -84,6 +84,19 @@ pub fn linear_xavier(
     Ok(candle_nn::Linear::new(weight, bias))
 }
 
+/// Positional embeddings (b, l, d) counted from the left, as the official
+/// code does: the k-th item of a row (k from 1) gets `table` row k - 1, so the
+/// numbering does not depend on padding; padding positions get row 0 (the
+/// encoders zero padding rows).
+pub fn left_positions(table: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (b, l) = mask.dims2()?;
+    let rows = (mask.to_dtype(DType::F32)?.cumsum(1)? - 1.0)?
+        .relu()?
+        .to_dtype(DType::U32)?
+        .flatten_all()?;
+    table.index_select(&rows, 0)?.reshape((b, l, table.dim(1)?))
+}
+
 /// Turns a (b, l) 0/1 mask into an additive attention bias of shape (b, 1, 1, l):
 /// 0 where the key is an item, a large negative number where it is padding.
 pub fn key_padding_bias(mask: &Tensor) -> Result<Tensor> {

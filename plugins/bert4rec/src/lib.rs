@@ -20,6 +20,7 @@
 //! a torch table of `max_len + 100` rows (std sqrt(2 / (max_len + 100 + d))); it
 //! stores the `max_len` rows that can be reached.
 
+use llm_esr_runtime::backbone::check_input;
 use llm_esr_runtime::candle::{DType, Result, Tensor};
 use llm_esr_runtime::candle_nn::{Init, VarBuilder};
 use llm_esr_runtime::ops;
@@ -148,22 +149,7 @@ impl Bert4Rec {
 
 impl Backbone for Bert4Rec {
     fn embed(&self, items: &Tensor, mask: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
-        let (b, l, d) = items.dims3()?;
-        if d != self.hidden {
-            llm_esr_runtime::candle::bail!("bert4rec: input width {d}, expected {}", self.hidden);
-        }
-        if l > self.max_len {
-            llm_esr_runtime::candle::bail!(
-                "bert4rec: sequence length {l} exceeds max_len {}",
-                self.max_len
-            );
-        }
-        if mask.dims() != [b, l] {
-            llm_esr_runtime::candle::bail!(
-                "bert4rec: mask has shape {:?}, expected ({b}, {l})",
-                mask.dims()
-            );
-        }
+        let (_, l, d) = check_input("bert4rec", items, mask, self.hidden, self.max_len)?;
         let pos = self.positional(mask, l)?;
         let x = (items * (d as f64).sqrt())?.broadcast_add(&pos)?;
         ops::dropout(&x, self.dropout, ctx)

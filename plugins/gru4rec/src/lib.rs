@@ -25,6 +25,7 @@
 //! Output rows at padding positions are zero in both modes (the official code
 //! only reads the last position).
 
+use llm_esr_runtime::backbone::check_input;
 use llm_esr_runtime::candle::{Result, Tensor, D};
 use llm_esr_runtime::candle_nn::VarBuilder;
 use llm_esr_runtime::params::xavier_normal;
@@ -147,22 +148,7 @@ impl Backbone for Gru4Rec {
         mask: &Tensor,
         _ctx: &mut ForwardCtx,
     ) -> Result<Tensor> {
-        let (b, l, d) = items.dims3()?;
-        if d != self.hidden {
-            llm_esr_runtime::candle::bail!("gru4rec: input width {d}, expected {}", self.hidden);
-        }
-        if l > self.max_len {
-            llm_esr_runtime::candle::bail!(
-                "gru4rec: sequence length {l} exceeds max_len {}",
-                self.max_len
-            );
-        }
-        if mask.dims() != [b, l] {
-            llm_esr_runtime::candle::bail!(
-                "gru4rec: mask has shape {:?}, expected ({b}, {l})",
-                mask.dims()
-            );
-        }
+        check_input("gru4rec", items, mask, self.hidden, self.max_len)?;
         let keep = mask.to_dtype(items.dtype())?.unsqueeze(D::Minus1)?;
         let mut x = if self.mask_inputs {
             items.broadcast_mul(&keep)?

@@ -13,7 +13,8 @@
 //! `max_len`. The table is Xavier-normal with the official (max_len + 100, d)
 //! fan.
 
-use llm_esr_runtime::candle::{DType, Result, Tensor};
+use llm_esr_runtime::backbone::check_input;
+use llm_esr_runtime::candle::{Result, Tensor};
 use llm_esr_runtime::candle_nn::{Init, VarBuilder};
 use llm_esr_runtime::ops;
 use llm_esr_runtime::serde::Deserialize;
@@ -90,34 +91,10 @@ impl SasRec {
     }
 }
 
-impl SasRec {
-    /// Positional embeddings (b, l, d): the k-th item of a row (k from 1) gets
-    /// table row k - 1; padding gets row 0 and is zeroed by the encoder.
-    fn positional(&self, mask: &Tensor) -> Result<Tensor> {
-        let (b, l) = mask.dims2()?;
-        let rows = (mask.to_dtype(DType::F32)?.cumsum(1)? - 1.0)?
-            .relu()?
-            .to_dtype(DType::U32)?
-            .flatten_all()?;
-        self.pos_emb
-            .index_select(&rows, 0)?
-            .reshape((b, l, self.hidden))
-    }
-}
-
 impl Backbone for SasRec {
     fn embed(&self, items: &Tensor, mask: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
-        let (_, l, d) = items.dims3()?;
-        if d != self.hidden {
-            llm_esr_runtime::candle::bail!("sasrec: input width {d}, expected {}", self.hidden);
-        }
-        if l > self.max_len {
-            llm_esr_runtime::candle::bail!(
-                "sasrec: sequence length {l} exceeds max_len {}",
-                self.max_len
-            );
-        }
-        let x = ((items * (d as f64).sqrt())? + self.positional(mask)?)?;
+        let (_, _, d) = check_input("sasrec", items, mask, self.hidden, self.max_len)?;
+        let x = ((items * (d as f64).sqrt())? + ops::left_positions(&self.pos_emb, mask)?)?;
         ops::dropout(&x, self.dropout, ctx)
     }
 
