@@ -159,15 +159,6 @@ impl<'a> Run<'a> {
             "dataset"
         );
         let lt = crate::assemble::long_tail_groups(cfg, &ds)?;
-        info!(
-            item_threshold = lt.summary.item_threshold,
-            user_threshold = lt.summary.user_threshold,
-            head_items = lt.summary.head_items,
-            tail_items = lt.summary.tail_items,
-            head_users = lt.summary.head_users,
-            tail_users = lt.summary.tail_users,
-            "long-tail groups"
-        );
         let artifacts = crate::assemble::artifacts(cfg, &ds, &device)?;
         let model = crate::assemble::build(cfg, &ds, artifacts.as_ref(), &device)?;
         drop(artifacts);
