@@ -65,6 +65,10 @@ pub fn rank_targets(
     let (max_len, pad_to_max_len, seed) = (cfg.data.max_len, cfg.data.pad_to_max_len, cfg.seed);
     let cfg = &cfg.eval;
     let tables = model.tables()?;
+    // Chunks of users with similar input lengths pad little; the metric sums
+    // do not depend on the order.
+    let mut users = users.to_vec();
+    users.sort_by_key(|&u| (ds.eval_case(u as usize, split).0.len().min(max_len), u));
     let mut out = Vec::with_capacity(users.len());
     let mut rng = Rng::new(0); // unused in eval mode
     for chunk in users.chunks(cfg.batch_size.max(1)) {

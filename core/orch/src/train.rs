@@ -33,6 +33,9 @@ pub const RESULTS: &str = "results.json";
 pub const METRICS: &str = "metrics.jsonl";
 pub const RESOLVED: &str = "config.resolved.yaml";
 
+/// Teacher sequences encoded per forward pass in self-distillation.
+const TEACHER_CHUNK: usize = 256;
+
 pub struct TrainOptions {
     pub resume: bool,
 }
@@ -450,30 +453,44 @@ impl Run<'_> {
         let mut distinct: Vec<u32> = teachers.concat();
         distinct.sort_unstable();
         distinct.dedup();
-        let inputs: Vec<&[u32]> = distinct
-            .iter()
-            .map(|&t| {
-                let s = self.ds.train_seq(t as usize);
-                &s[..s.len().saturating_sub(1)]
-            })
-            .collect();
-        let padded = Padded::new(&inputs, self.cfg.data.max_len, self.cfg.data.pad_to_max_len);
+        let input = |t: u32| {
+            let s = self.ds.train_seq(t as usize);
+            &s[..s.len().saturating_sub(1)]
+        };
+        // Encode in chunks of similar length, each padded to its own longest
+        // sequence (the masked encoder gives the same result as one big batch,
+        // at a fraction of the cost of padding a thousand teachers to the longest).
+        let mut order: Vec<usize> = (0..distinct.len()).collect();
+        order.sort_by_key(|&j| (input(distinct[j]).len(), j));
         let dev = &self.device;
-        let ids = Tensor::from_vec(padded.ids, (padded.b, padded.l), dev)?;
-        let mask = Tensor::from_vec(padded.mask, (padded.b, padded.l), dev)?;
         let mut rng = Rng::derive(self.cfg.seed ^ 0x0074_6561_6368_6572, step);
         let mut ctx = ForwardCtx {
             train: true,
             rng: &mut rng,
         };
-        let reps = last_position(&self.model.encode(tables, &ids, &mask, &mut ctx)?)?.detach();
+        let mut chunks = Vec::new();
+        for chunk in order.chunks(TEACHER_CHUNK) {
+            let inputs: Vec<&[u32]> = chunk.iter().map(|&j| input(distinct[j])).collect();
+            let padded = Padded::new(&inputs, self.cfg.data.max_len, self.cfg.data.pad_to_max_len);
+            let ids = Tensor::from_vec(padded.ids, (padded.b, padded.l), dev)?;
+            let mask = Tensor::from_vec(padded.mask, (padded.b, padded.l), dev)?;
+            chunks
+                .push(last_position(&self.model.encode(tables, &ids, &mask, &mut ctx)?)?.detach());
+        }
+        // Rows of `reps` follow `order`; `row_of[j]` is distinct[j]'s row.
+        let reps = Tensor::cat(&chunks, 0)?;
+        let mut row_of = vec![0usize; distinct.len()];
+        for (row, &j) in order.iter().enumerate() {
+            row_of[j] = row;
+        }
+        let distinct_rows: Vec<usize> = row_of;
         let mut avg = vec![0f32; users.len() * distinct.len()];
         for (i, ts) in teachers.iter().enumerate() {
             for t in ts {
                 let j = distinct
                     .binary_search(t)
                     .expect("teacher is in the distinct set");
-                avg[i * distinct.len() + j] += 1.0 / ts.len() as f32;
+                avg[i * distinct.len() + distinct_rows[j]] += 1.0 / ts.len() as f32;
             }
         }
         let avg = Tensor::from_vec(avg, (users.len(), distinct.len()), dev)?;
