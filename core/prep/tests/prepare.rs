@@ -132,6 +132,13 @@ fn recbole_sorts_by_timestamp_and_reads_titles() {
         text,
         "item_id\ttitle\tclass\n1\tToy Story\tAnimation\n2\t\t\n3\tHeat\tAction\n"
     );
+    // Selecting the original column name still yields `title`.
+    let only = PrepareConfig {
+        item_text_columns: vec!["movie_title".into()],
+        ..cfg.clone()
+    };
+    let s = prepare(&only, out.path()).unwrap();
+    assert_eq!(s.text_columns, vec!["title".to_string()]);
 }
 
 #[test]
