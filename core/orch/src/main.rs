@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use llm_esr_orch::cli::{run, Cli};
+use llm_esr_orch::cli::{run, Cli, Command};
 use llm_esr_orch::config::is_config_error;
 
 /// Training allocates and frees many large tensors per step; glibc's default
@@ -30,12 +30,18 @@ fn keep_freed_memory() {}
 
 fn main() -> ExitCode {
     keep_freed_memory();
-    // candle's elementwise thread pool spin-waits; on few cores one thread for
-    // it (gemm keeps its own) is measurably faster. Respect an explicit value.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+    let cli = Cli::parse();
+    // Training: candle's elementwise thread pool spin-waits, and on few cores
+    // one thread for it (gemm keeps its own) is measurably faster. The
+    // forward-only text encoder (`embed`) is faster with the pool. Respect an
+    // explicit value.
+    let training = matches!(
+        cli.command,
+        Command::Train { .. } | Command::Bench { .. } | Command::Sweep { .. }
+    );
+    if training && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
