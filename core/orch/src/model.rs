@@ -18,7 +18,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use llm_esr_prep::Artifacts;
 use llm_esr_runtime::candle::{DType, Device, Module, Tensor, Var, D};
-use llm_esr_runtime::candle_nn::{self, Init, VarBuilder};
+use llm_esr_runtime::candle_nn::{self, VarBuilder};
+use llm_esr_runtime::ops;
 use llm_esr_runtime::params::{xavier_normal, ParamStore};
 use llm_esr_runtime::{
     Backbone, BackboneSpec, ForwardCtx, Fusion, FusionSpec, Objective, PluginKind, Retrieval,
@@ -39,21 +40,7 @@ impl SemanticView {
     fn load(vb: VarBuilder, table: Tensor, hidden: usize) -> Result<Self> {
         let dim = table.dim(1)?;
         let mid = dim / 2;
-        // Xavier weights; biases keep torch's default U(+-1/sqrt(fan_in)).
-        let linear = |name: &str, i: usize, o: usize| -> Result<candle_nn::Linear> {
-            let vb = vb.pp(name);
-            let w = vb.get_with_hints((o, i), "weight", xavier_normal(o, i))?;
-            let bound = 1.0 / (i as f64).sqrt();
-            let b = vb.get_with_hints(
-                o,
-                "bias",
-                Init::Uniform {
-                    lo: -bound,
-                    up: bound,
-                },
-            )?;
-            Ok(candle_nn::Linear::new(w, Some(b)))
-        };
+        let linear = |name: &str, i: usize, o: usize| ops::linear_torch_bias(vb.pp(name), i, o);
         Ok(SemanticView {
             fc1: linear("fc1", dim, mid)?,
             fc2: linear("fc2", mid, hidden)?,

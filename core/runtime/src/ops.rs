@@ -97,6 +97,31 @@ pub fn left_positions(table: &Tensor, mask: &Tensor) -> Result<Tensor> {
     table.index_select(&rows, 0)?.reshape((b, l, table.dim(1)?))
 }
 
+/// A linear layer as the official code initialises it: Xavier-normal weight,
+/// and the bias left at torch's default U(-1/sqrt(in), 1/sqrt(in)) (the
+/// official `xavier_normal_` pass skips 1-D tensors).
+pub fn linear_torch_bias(
+    vb: VarBuilder,
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<candle_nn::Linear> {
+    let weight = vb.get_with_hints(
+        (out_dim, in_dim),
+        "weight",
+        crate::params::xavier_normal(out_dim, in_dim),
+    )?;
+    let bound = 1.0 / (in_dim as f64).sqrt();
+    let bias = vb.get_with_hints(
+        out_dim,
+        "bias",
+        Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )?;
+    Ok(candle_nn::Linear::new(weight, Some(bias)))
+}
+
 /// Turns a (b, l) 0/1 mask into an additive attention bias of shape (b, 1, 1, l):
 /// 0 where the key is an item, a large negative number where it is padding.
 pub fn key_padding_bias(mask: &Tensor) -> Result<Tensor> {

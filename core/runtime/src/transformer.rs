@@ -104,20 +104,7 @@ pub struct FeedForward {
 impl FeedForward {
     pub fn load(vb: VarBuilder, hidden: usize, dropout: f32) -> Result<Self> {
         // torch's Conv1d(k=1) biases start uniform in +-1/sqrt(fan_in).
-        let bound = 1.0 / (hidden as f64).sqrt();
-        let layer = |name: &str| -> Result<candle_nn::Linear> {
-            let vb = vb.pp(name);
-            let w = vb.get_with_hints((hidden, hidden), "weight", xavier_normal(hidden, hidden))?;
-            let b = vb.get_with_hints(
-                hidden,
-                "bias",
-                Init::Uniform {
-                    lo: -bound,
-                    up: bound,
-                },
-            )?;
-            Ok(candle_nn::Linear::new(w, Some(b)))
-        };
+        let layer = |name: &str| ops::linear_torch_bias(vb.pp(name), hidden, hidden);
         Ok(FeedForward {
             fc1: layer("fc1")?,
             fc2: layer("fc2")?,

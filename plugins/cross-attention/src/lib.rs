@@ -20,7 +20,7 @@
 //! output bias keeps torch's Linear default, uniform in +-1/sqrt(d).
 
 use llm_esr_runtime::candle::{Module, Result, Tensor, D};
-use llm_esr_runtime::candle_nn::{Init, Linear, VarBuilder};
+use llm_esr_runtime::candle_nn::{Linear, VarBuilder};
 use llm_esr_runtime::params::xavier_normal;
 use llm_esr_runtime::serde::Deserialize;
 use llm_esr_runtime::{export_plugin, ops, ForwardCtx, Fusion, FusionPlugin, FusionSpec, Plugin};
@@ -62,21 +62,12 @@ impl CrossAttention {
         let linear_q = weight("linear_q")?;
         let linear_k = weight("linear_k")?;
         let linear_v = weight("linear_v")?;
-        let bound = 1.0 / (hidden as f64).sqrt();
-        let out_w = weight("linear_output")?;
-        let out_b = vb.pp("linear_output").get_with_hints(
-            hidden,
-            "bias",
-            Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-        )?;
+        let linear_output = ops::linear_torch_bias(vb.pp("linear_output"), hidden, hidden)?;
         Ok(CrossAttention {
             linear_q,
             linear_k,
             linear_v,
-            linear_output: Linear::new(out_w, Some(out_b)),
+            linear_output,
             heads,
         })
     }
