@@ -105,3 +105,22 @@ pub fn epoch_lines(run_dir: &Path) -> Vec<serde_json::Value> {
         })
         .collect()
 }
+
+/// `train configs/beauty5_tiny_sasrec.yaml` into `out/<name>` on the shared
+/// beauty5_tiny data, plus one `--set` per entry of `overrides`.
+pub fn tiny_train_args(out: &str, name: &str, overrides: &[&str]) -> Vec<String> {
+    let mut args = vec![
+        "train".to_string(),
+        "configs/beauty5_tiny_sasrec.yaml".into(),
+    ];
+    let data = format!("data.dir={}", dataset("beauty5_tiny").display());
+    let fixed = [format!("output_dir={out}"), data, format!("name={name}")];
+    for set in fixed
+        .iter()
+        .map(String::as_str)
+        .chain(overrides.iter().copied())
+    {
+        args.extend(["--set".to_string(), set.to_string()]);
+    }
+    args
+}

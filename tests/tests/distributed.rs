@@ -5,27 +5,12 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use llm_esr_tests::{binary, dataset, epoch_lines, mpirun, results, text};
+use llm_esr_tests::{binary, epoch_lines, mpirun, results, text, tiny_train_args};
 
 fn common(out: &str, name: &str) -> Vec<String> {
-    let data = dataset("beauty5_tiny");
-    [
-        "train".to_string(),
-        "configs/beauty5_tiny_sasrec.yaml".into(),
-        "--set".into(),
-        format!("output_dir={out}"),
-        "--set".into(),
-        format!("data.dir={}", data.display()),
-        "--set".into(),
-        format!("name={name}"),
-        // Without dropout the only difference between 1 and 2 ranks is the
-        // order of floating-point sums.
-        "--set".into(),
-        "model.dropout=0".into(),
-        "--set".into(),
-        "train.epochs=3".into(),
-    ]
-    .to_vec()
+    // Without dropout the only difference between 1 and 2 ranks is the
+    // order of floating-point sums.
+    tiny_train_args(out, name, &["model.dropout=0", "train.epochs=3"])
 }
 
 #[test]

@@ -1,22 +1,11 @@
 //! `train --resume` continues from the last checkpoint and ends exactly where
 //! an uninterrupted run ends.
 
-use llm_esr_tests::{dataset, epoch_lines, results, run_cli, text};
+use llm_esr_tests::{epoch_lines, results, run_cli, text, tiny_train_args};
 
 fn train(out: &str, name: &str, epochs: usize, resume: bool) {
-    let data = dataset("beauty5_tiny");
-    let mut args = vec![
-        "train".to_string(),
-        "configs/beauty5_tiny_sasrec.yaml".into(),
-        "--set".into(),
-        format!("output_dir={out}"),
-        "--set".into(),
-        format!("data.dir={}", data.display()),
-        "--set".into(),
-        format!("name={name}"),
-        "--set".into(),
-        format!("train.epochs={epochs}"),
-    ];
+    let epochs = format!("train.epochs={epochs}");
+    let mut args = tiny_train_args(out, name, &[&epochs]);
     if resume {
         args.push("--resume".into());
     }
