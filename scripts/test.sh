@@ -10,4 +10,5 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 export CANDLE_NUM_THREADS="${CANDLE_NUM_THREADS:-1}"
 cargo build --release --workspace
+bash scripts/check-runtime-pins.sh
 cargo test --release --workspace -- --test-threads=2
