@@ -5,11 +5,23 @@
 //! order, ids from 1. Split per user: train = `seq[:-2]`, validation target =
 //! `seq[-2]`, test target = `seq[-1]`.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use llm_esr_runtime::{Objective, Rng};
+
+/// Fails with what to do when `dir` is not a prepared dataset directory.
+pub fn check_prepared(dir: &Path) -> Result<()> {
+    let inter = dir.join(llm_esr_prep::dataset::INTER_FILE);
+    if !inter.is_file() {
+        bail!(
+            "{} not found: point `data.dir` at a prepared dataset (run `llm-esr-orch prepare \
+             CONFIG` to make one)",
+            inter.display()
+        );
+    }
+    Ok(())
+}
 
 pub struct Dataset {
     pub dir: PathBuf,
@@ -19,63 +31,15 @@ pub struct Dataset {
     pub seqs: Vec<Vec<u32>>,
     /// Each user's items, sorted, for membership tests.
     history: Vec<Vec<u32>>,
-    /// Number of distinct users having each item (index = item id).
-    pub popularity: Vec<u32>,
 }
 
 impl Dataset {
+    /// Reads a prepared dataset with the reader `prepare` and `embed` use, so
+    /// that every command sees the same users, items and item count.
     pub fn load(dir: &Path) -> Result<Dataset> {
-        let path = dir.join("inter.txt");
-        let file = std::fs::File::open(&path).with_context(|| {
-            format!(
-                "cannot open {}: point `data.dir` at a prepared dataset (run `llm-esr-orch prepare CONFIG` to make one)",
-                path.display()
-            )
-        })?;
-        let mut seqs: Vec<Vec<u32>> = Vec::new();
-        let mut num_items = 0usize;
-        for (i, line) in BufReader::new(file).lines().enumerate() {
-            let lineno = i + 1;
-            let line =
-                line.with_context(|| format!("{}:{lineno}: cannot read line", path.display()))?;
-            let line = line.trim();
-            if line.is_empty() {
-                continue;
-            }
-            let mut fields = line.split_whitespace();
-            let (Some(u), Some(it), None) = (fields.next(), fields.next(), fields.next()) else {
-                bail!(
-                    "{}:{lineno}: expected `user item`, found `{line}`",
-                    path.display()
-                );
-            };
-            let parse = |s: &str, what: &str| -> Result<u32> {
-                match s.parse::<u32>() {
-                    Ok(v) if v >= 1 => Ok(v),
-                    _ => bail!(
-                        "{}:{lineno}: {what} id `{s}` is not a positive integer (ids start at 1; remap raw ids with `llm-esr-orch prepare`)",
-                        path.display()
-                    ),
-                }
-            };
-            let u = parse(u, "user")? as usize;
-            let it = parse(it, "item")?;
-            if seqs.len() < u {
-                seqs.resize(u, Vec::new());
-            }
-            seqs[u - 1].push(it);
-            num_items = num_items.max(it as usize);
-        }
-        if seqs.is_empty() {
-            bail!("{}: no interactions", path.display());
-        }
-        if let Some(u) = seqs.iter().position(|s| s.is_empty()) {
-            bail!(
-                "{}: user {} has no interactions (user ids must be 1..N without gaps; remap with `llm-esr-orch prepare`)",
-                path.display(),
-                u + 1
-            );
-        }
+        check_prepared(dir)?;
+        let prepared = llm_esr_prep::Dataset::load(dir)?;
+        let (seqs, num_items) = (prepared.sequences, prepared.num_items);
         let history: Vec<Vec<u32>> = seqs
             .iter()
             .map(|s| {
@@ -85,19 +49,12 @@ impl Dataset {
                 h
             })
             .collect();
-        let mut popularity = vec![0u32; num_items + 1];
-        for h in &history {
-            for &it in h {
-                popularity[it as usize] += 1;
-            }
-        }
         Ok(Dataset {
             dir: dir.to_path_buf(),
             num_users: seqs.len(),
             num_items,
             seqs,
             history,
-            popularity,
         })
     }
 
@@ -105,10 +62,10 @@ impl Dataset {
         self.seqs.iter().map(Vec::len).sum()
     }
 
-    /// Training part `seq[:-2]` of user index `u` (0-based).
+    /// Training part of user index `u` (0-based): `seq[:-2]`, or the whole
+    /// sequence of a user with fewer than 3 items (see [`llm_esr_prep::train_part`]).
     pub fn train_seq(&self, u: usize) -> &[u32] {
-        let s = &self.seqs[u];
-        &s[..s.len().saturating_sub(2)]
+        llm_esr_prep::train_part(&self.seqs[u])
     }
 
     /// Users (0-based) that can be evaluated: at least one input item.

@@ -75,13 +75,7 @@ pub fn train(
 ) -> Result<serde_json::Value> {
     let rank0 = comm.rank() == 0;
     // Check the inputs before a run directory exists.
-    let inter = cfg.data_dir()?.join("inter.txt");
-    if !inter.is_file() {
-        bail!(
-            "{} not found: point `data.dir` at a prepared dataset (run `llm-esr-orch prepare CONFIG` to make one)",
-            inter.display()
-        );
-    }
+    crate::data::check_prepared(&cfg.data_dir()?)?;
     if cfg.model.variant != crate::config::Variant::Plain {
         cfg.artifacts_dir()?;
     }

@@ -107,23 +107,6 @@ impl Default for EmbedConfig {
     }
 }
 
-impl EmbedConfig {
-    /// Makes relative paths (model, imports) relative to `base`.
-    pub fn resolve_paths(&mut self, base: &Path) {
-        if self.model.is_relative() {
-            self.model = base.join(&self.model);
-        }
-        for spec in [&mut self.item_import, &mut self.user_import]
-            .into_iter()
-            .flatten()
-        {
-            if spec.path.is_relative() {
-                spec.path = base.join(&spec.path);
-            }
-        }
-    }
-}
-
 /// Parses `cpu`, `cuda`, `cuda:N`.
 pub fn parse_device(s: &str) -> Result<Device> {
     let s = s.trim();

@@ -77,7 +77,7 @@ pub struct PrepareConfig {
     /// Layout of `interactions` (default `inter_txt`).
     pub format: InputFormat,
     /// The raw interaction file (default `inter.txt`). Relative paths are taken
-    /// as given (see [`PrepareConfig::resolve_paths`]).
+    /// from the working directory.
     pub interactions: PathBuf,
     /// Item text table. Default: `item_text.tsv` (inter_txt) or `X.item`
     /// (recbole) next to the interaction file when it exists; none for csv.
@@ -132,19 +132,6 @@ impl Default for PrepareConfig {
 }
 
 impl PrepareConfig {
-    /// Makes relative input paths relative to `base` (e.g. the config file's
-    /// directory).
-    pub fn resolve_paths(&mut self, base: &Path) {
-        if self.interactions.is_relative() {
-            self.interactions = base.join(&self.interactions);
-        }
-        if let Some(p) = &self.item_text {
-            if p.is_relative() {
-                self.item_text = Some(base.join(p));
-            }
-        }
-    }
-
     fn item_text_path(&self) -> Option<PathBuf> {
         if let Some(p) = &self.item_text {
             return Some(p.clone());

@@ -75,6 +75,30 @@ impl ParamStore {
     }
 }
 
+/// The names of `vars` whose gradient in `grads` is missing, zero or not
+/// finite: the check of every "gradients reach every parameter" test, for
+/// plugin authors as for the host.
+pub fn params_without_gradient(
+    vars: &[(String, Var)],
+    grads: &candle_core::backprop::GradStore,
+) -> Result<Vec<String>> {
+    let mut missing = Vec::new();
+    for (name, var) in vars {
+        let norm = match grads.get(var.as_tensor()) {
+            Some(g) => g
+                .abs()?
+                .sum_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?,
+            None => 0.0,
+        };
+        if !(norm > 0.0 && norm.is_finite()) {
+            missing.push(name.clone());
+        }
+    }
+    Ok(missing)
+}
+
 fn sample(rng: &mut Rng, shape: &Shape, init: Init, device: &Device) -> Result<Tensor> {
     let n = shape.elem_count();
     let values: Vec<f32> = match init {
