@@ -3,9 +3,11 @@
 # the shared runtime (core/runtime pins the union of features; DESIGN rule 3).
 # A member whose build recompiles llm-esr-runtime would relink
 # libllm_esr_runtime.so and break every other binary with "undefined symbol".
-# Run after `cargo build --release --workspace`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The reference: the workspace build (a no-op when it is up to date).
+cargo build --release --workspace --quiet
 
 members=$(sed -n '/^members = \[/,/^\]/p' Cargo.toml | grep -o '"[^"]*"' | tr -d '"')
 failed=()
