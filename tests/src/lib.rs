@@ -124,3 +124,36 @@ pub fn tiny_train_args(out: &str, name: &str, overrides: &[&str]) -> Vec<String>
     }
     args
 }
+
+/// Asserts that an N-rank run (`many`) trained like a one-process run (`one`)
+/// with the same global batch and seed: losses equal up to the order of
+/// floating-point sums, validation and test metrics within 5e-3.
+pub fn assert_same_training(one: &Path, many: &Path) {
+    assert!(results(many)["world_size"].as_u64().unwrap() > 1);
+    let (a, b) = (epoch_lines(one), epoch_lines(many));
+    assert_eq!(a.len(), b.len(), "number of epochs");
+    for (x, y) in a.iter().zip(&b) {
+        let (lx, ly) = (x["loss"].as_f64().unwrap(), y["loss"].as_f64().unwrap());
+        assert!(
+            (lx - ly).abs() < 1e-4 * lx.abs().max(1.0),
+            "loss {lx} vs {ly}"
+        );
+        let (nx, ny) = (
+            x["valid"]["overall"]["NDCG@10"].as_f64().unwrap(),
+            y["valid"]["overall"]["NDCG@10"].as_f64().unwrap(),
+        );
+        assert!((nx - ny).abs() < 5e-3, "valid NDCG@10 {nx} vs {ny}");
+        assert_eq!(
+            x["valid"]["overall"]["users"],
+            y["valid"]["overall"]["users"]
+        );
+    }
+    let (ta, tb) = (
+        results(one)["test"]["overall"].clone(),
+        results(many)["test"]["overall"].clone(),
+    );
+    for m in ["HR@10", "NDCG@10"] {
+        let (p, q) = (ta[m].as_f64().unwrap(), tb[m].as_f64().unwrap());
+        assert!((p - q).abs() < 5e-3, "test {m}: {p} vs {q}");
+    }
+}

@@ -31,10 +31,7 @@ fn gradients(backbone: &dyn Backbone, store: &ParamStore) -> Vec<(String, Vec<f3
     let w: Vec<f32> = (0..b * l * d).map(|_| data_rng.normal() as f32).collect();
     let w = Tensor::from_vec(w, (b, l, d), &dev).unwrap();
     let mut rng = Rng::new(5);
-    let mut ctx = ForwardCtx {
-        train: true,
-        rng: &mut rng,
-    };
+    let mut ctx = ForwardCtx::new(true, &mut rng);
     let out = backbone.encode(x.as_tensor(), &mask, &mut ctx).unwrap();
     let loss = (out * w).unwrap().sum_all().unwrap();
     let grads = loss.backward().unwrap();

@@ -91,10 +91,7 @@ pub fn rank_targets(
         let padded = Padded::new(&inputs, max_len, pad_to_max_len);
         let ids = Tensor::from_vec(padded.ids.clone(), (padded.b, padded.l), device)?;
         let mask = Tensor::from_vec(padded.mask.clone(), (padded.b, padded.l), device)?;
-        let mut ctx = ForwardCtx {
-            train: false,
-            rng: &mut rng,
-        };
+        let mut ctx = ForwardCtx::new(false, &mut rng);
         let user_vecs = last_position(&model.encode(&tables, &ids, &mask, &mut ctx)?)?;
         match cfg.mode {
             EvalMode::Sampled => {

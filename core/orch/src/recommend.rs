@@ -57,10 +57,7 @@ pub fn recommend(run_dir: &Path, users: &[u32], k: usize) -> Result<serde_json::
     let ids = Tensor::from_vec(padded.ids, (padded.b, padded.l), &device)?;
     let mask = Tensor::from_vec(padded.mask, (padded.b, padded.l), &device)?;
     let mut rng = Rng::new(0);
-    let mut ctx = ForwardCtx {
-        train: false,
-        rng: &mut rng,
-    };
+    let mut ctx = ForwardCtx::new(false, &mut rng);
     let user_vecs = last_position(&model.encode(&tables, &ids, &mask, &mut ctx)?)?;
     let scores: Vec<Vec<f32>> = model.score_all(&tables, &user_vecs)?.to_vec2()?;
     let mut out = Vec::new();

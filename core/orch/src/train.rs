@@ -377,11 +377,10 @@ impl Run<'_> {
                 let weight = Tensor::from_vec(weight, b * l, dev)?;
                 let pos = Tensor::from_vec(targets.pos, b * l, dev)?;
                 let neg = Tensor::from_vec(targets.neg, b * l, dev)?;
+                // Dropout keyed by sample: the same masks on any number of ranks.
+                let rows: Vec<u64> = shard.iter().map(|&s| sample_key(s)).collect();
                 let mut rng = Rng::derive(cfg.seed ^ 0x64726f70, step);
-                let mut ctx = ForwardCtx {
-                    train: true,
-                    rng: &mut rng,
-                };
+                let mut ctx = ForwardCtx::new(true, &mut rng).with_rows(&rows);
                 let tables = self.model.tables()?;
                 let states = self.model.encode(&tables, &ids, &mask, &mut ctx)?;
                 let h = states.reshape((b * l, ()))?;
@@ -457,14 +456,14 @@ impl Run<'_> {
         let mut order: Vec<usize> = (0..distinct.len()).collect();
         order.sort_by_key(|&j| (input(distinct[j]).len(), j));
         let dev = &self.device;
-        let mut rng = Rng::derive(self.cfg.seed ^ 0x0074_6561_6368_6572, step);
-        let mut ctx = ForwardCtx {
-            train: true,
-            rng: &mut rng,
-        };
         let mut chunks = Vec::new();
         for chunk in order.chunks(TEACHER_CHUNK) {
             let inputs: Vec<&[u32]> = chunk.iter().map(|&j| input(distinct[j])).collect();
+            // Every chunk restarts the step's stream and keys dropout by teacher,
+            // so a teacher's masks do not depend on the chunking (or the rank).
+            let rows: Vec<u64> = chunk.iter().map(|&j| distinct[j] as u64).collect();
+            let mut rng = Rng::derive(self.cfg.seed ^ 0x0074_6561_6368_6572, step);
+            let mut ctx = ForwardCtx::new(true, &mut rng).with_rows(&rows);
             let padded = Padded::new(&inputs, self.cfg.data.max_len, self.cfg.data.pad_to_max_len);
             let ids = Tensor::from_vec(padded.ids, (padded.b, padded.l), dev)?;
             let mask = Tensor::from_vec(padded.mask, (padded.b, padded.l), dev)?;
@@ -556,4 +555,9 @@ impl Run<'_> {
         }
         Ok(results)
     }
+}
+
+/// The global key of a training sample (user, second cloze copy).
+fn sample_key((user, second): (u32, bool)) -> u64 {
+    (user as u64) << 1 | second as u64
 }

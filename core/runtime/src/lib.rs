@@ -41,6 +41,29 @@ pub struct ForwardCtx<'a> {
     pub train: bool,
     /// The only source of randomness a plugin may use.
     pub rng: &'a mut Rng,
+    /// A key per batch row (the host passes each sample's global id). Dropout
+    /// draws a row's mask from its key, the call and positions counted from
+    /// the right, so a sample gets the same mask in whichever batch, rank
+    /// shard or padded length it lands. `None`: the row index is the key.
+    pub rows: Option<&'a [u64]>,
+}
+
+impl<'a> ForwardCtx<'a> {
+    pub fn new(train: bool, rng: &'a mut Rng) -> Self {
+        ForwardCtx {
+            train,
+            rng,
+            rows: None,
+        }
+    }
+
+    /// The same context with one key per batch row.
+    pub fn with_rows(self, rows: &'a [u64]) -> Self {
+        ForwardCtx {
+            rows: Some(rows),
+            ..self
+        }
+    }
 }
 
 /// Parses a plugin's free-form configuration section, naming the section in the

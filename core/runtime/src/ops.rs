@@ -26,17 +26,66 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     normed.broadcast_mul(weight)?.broadcast_add(bias)
 }
 
-/// Inverted dropout with a mask drawn from the run's generator.
+/// Inverted dropout. One draw of `ctx.rng` per call; the mask element of row
+/// `r` at index `(i1, .., ik)` is a hash of that draw, the row's key
+/// (`ctx.rows`, else `r`) and the indices counted from the end of each
+/// dimension. Left-padded sequences therefore keep their masks whatever the
+/// padded length, batch or rank shard they are in.
 pub fn dropout(x: &Tensor, p: f32, ctx: &mut ForwardCtx) -> Result<Tensor> {
     if !ctx.train || p <= 0.0 {
         return Ok(x.clone());
     }
+    let dims = x.dims();
+    let Some((&rows, inner_dims)) = dims.split_first() else {
+        candle_core::bail!("dropout of a scalar");
+    };
+    if let Some(keys) = ctx.rows {
+        if keys.len() != rows {
+            candle_core::bail!(
+                "dropout: {} row keys for a batch of {rows} rows",
+                keys.len()
+            );
+        }
+    }
+    let call = ctx.rng.next_u64();
+    // Keep when the top 32 bits of the hash reach p * 2^32.
+    let threshold = (p as f64 * 4294967296.0) as u64;
     let scale = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if ctx.rng.next_f32() < p { 0.0 } else { scale })
-        .collect();
+    let inner: usize = inner_dims.iter().product();
+    let mut mask = vec![0f32; rows * inner];
+    for (r, row) in mask.chunks_mut(inner.max(1)).enumerate() {
+        let key = ctx.rows.map_or(r as u64, |k| k[r]);
+        fill_mask(child_hash(call, key), inner_dims, row, threshold, scale);
+    }
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x * mask
+}
+
+/// SplitMix64's finaliser of `parent + (index + 1) * golden`.
+fn child_hash(parent: u64, index: u64) -> u64 {
+    let mut z = parent.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn fill_mask(hash: u64, dims: &[usize], out: &mut [f32], threshold: u64, scale: f32) {
+    match dims {
+        [] => out[0] = if (hash >> 32) < threshold { 0.0 } else { scale },
+        [n] => {
+            for (j, o) in out.iter_mut().enumerate() {
+                let h = child_hash(hash, (n - 1 - j) as u64);
+                *o = if (h >> 32) < threshold { 0.0 } else { scale };
+            }
+        }
+        [n, rest @ ..] => {
+            let inner = out.len() / n;
+            for (j, block) in out.chunks_mut(inner.max(1)).enumerate() {
+                let h = child_hash(hash, (n - 1 - j) as u64);
+                fill_mask(h, rest, block, threshold, scale);
+            }
+        }
+    }
 }
 
 /// A layer norm whose forward pass has a gradient.
@@ -140,7 +189,55 @@ pub fn causal_bias(l: usize, device: &candle_core::Device) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Rng;
     use candle_core::{Device, Var};
+
+    fn dropout_mask(shape: &[usize], keys: &[u64], seed: u64) -> Result<Tensor> {
+        let mut rng = Rng::new(seed);
+        let ctx = &mut ForwardCtx::new(true, &mut rng).with_rows(keys);
+        dropout(&Tensor::ones(shape, DType::F32, &Device::Cpu)?, 0.25, ctx)
+    }
+
+    #[test]
+    fn dropout_drops_at_the_rate_and_rescales() -> Result<()> {
+        let keys: Vec<u64> = (0..64).collect();
+        let mask = dropout_mask(&[64, 50, 16], &keys, 1)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let dropped = mask.iter().filter(|&&m| m == 0.0).count() as f64 / mask.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.005, "{dropped}");
+        assert!(mask
+            .iter()
+            .all(|&m| m == 0.0 || (m - 1.0 / 0.75).abs() < 1e-6));
+        Ok(())
+    }
+
+    #[test]
+    fn a_rows_dropout_mask_does_not_depend_on_its_batch_or_padding() -> Result<()> {
+        // (b, l, d): row key 11 padded to l = 5 among three rows, then to l = 3 alone.
+        let wide = dropout_mask(&[3, 5, 4], &[10, 11, 12], 7)?;
+        let alone = dropout_mask(&[1, 3, 4], &[11], 7)?;
+        let tail = wide.narrow(0, 1, 1)?.narrow(1, 2, 3)?;
+        assert_eq!(tail.to_vec3::<f32>()?, alone.to_vec3::<f32>()?);
+        // (b, h, l, l) attention weights: both sequence dimensions are padded.
+        let wide = dropout_mask(&[2, 2, 5, 5], &[4, 9], 3)?;
+        let narrow = dropout_mask(&[1, 2, 3, 3], &[9], 3)?;
+        let tail = wide.narrow(0, 1, 1)?.narrow(2, 2, 3)?.narrow(3, 2, 3)?;
+        assert_eq!(
+            tail.flatten_all()?.to_vec1::<f32>()?,
+            narrow.flatten_all()?.to_vec1::<f32>()?
+        );
+        // Other keys, other masks.
+        let other = dropout_mask(&[1, 3, 4], &[12], 7)?;
+        assert_ne!(other.to_vec3::<f32>()?, alone.to_vec3::<f32>()?);
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_checks_the_number_of_row_keys() {
+        let err = dropout_mask(&[3, 2], &[1, 2], 0).unwrap_err().to_string();
+        assert!(err.contains("2 row keys for a batch of 3 rows"), "{err}");
+    }
 
     #[test]
     fn layer_norm_matches_candle_and_has_gradients() -> Result<()> {

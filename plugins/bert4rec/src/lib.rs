@@ -243,7 +243,7 @@ mod tests {
     }
 
     fn eval_ctx(rng: &mut Rng) -> ForwardCtx<'_> {
-        ForwardCtx { train: false, rng }
+        ForwardCtx::new(false, rng)
     }
 
     #[test]
@@ -420,10 +420,7 @@ mod tests {
             let (store, model) = build(5, config);
             let (items, mask) = batch(&[4, 2, 6], 6, 13);
             let mut rng = Rng::new(9);
-            let mut ctx = ForwardCtx {
-                train: true,
-                rng: &mut rng,
-            };
+            let mut ctx = ForwardCtx::new(true, &mut rng);
             let out = model.encode(&items, &mask, &mut ctx).unwrap();
             let loss = out.sqr().unwrap().sum_all().unwrap();
             let grads = loss.backward().unwrap();
@@ -443,10 +440,7 @@ mod tests {
         let (items, mask) = batch(&[3, 5], 5, 14);
         let run = |m: &dyn Backbone, train: bool| {
             let mut rng = Rng::new(21);
-            let mut ctx = ForwardCtx {
-                train,
-                rng: &mut rng,
-            };
+            let mut ctx = ForwardCtx::new(train, &mut rng);
             m.encode(&items, &mask, &mut ctx)
                 .unwrap()
                 .to_vec3::<f32>()

@@ -216,10 +216,7 @@ mod tests {
 
     fn fuse(f: &dyn Fusion, co: &Tensor, se: &Tensor, mask: &Tensor) -> (Tensor, Tensor) {
         let mut rng = Rng::new(0);
-        let mut ctx = ForwardCtx {
-            train: false,
-            rng: &mut rng,
-        };
+        let mut ctx = ForwardCtx::new(false, &mut rng);
         f.fuse_sequences(co, se, mask, &mut ctx).unwrap()
     }
 
@@ -478,10 +475,7 @@ mod tests {
         let se = randn((b, l, d), &mut rng);
         let mask =
             Tensor::new(&[[0f32, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]], &Device::Cpu).unwrap();
-        let mut ctx = ForwardCtx {
-            train: true,
-            rng: &mut rng,
-        };
+        let mut ctx = ForwardCtx::new(true, &mut rng);
         let (co2, se2) = fusion.fuse_sequences(&co, &se, &mask, &mut ctx).unwrap();
         let loss = (co2.sqr().unwrap().sum_all().unwrap() + se2.sqr().unwrap().sum_all().unwrap())
             .unwrap();

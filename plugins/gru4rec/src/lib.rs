@@ -230,10 +230,7 @@ mod tests {
 
     fn eval(model: &dyn Backbone, items: &Tensor, mask: &Tensor) -> Tensor {
         let mut rng = Rng::new(0);
-        let mut ctx = ForwardCtx {
-            train: false,
-            rng: &mut rng,
-        };
+        let mut ctx = ForwardCtx::new(false, &mut rng);
         model.encode(items, mask, &mut ctx).unwrap()
     }
 
@@ -408,10 +405,7 @@ mod tests {
         let (store, model) = build(5, json!({"layers": 2}));
         let (items, mask) = batch(&[4, 2, 6], 6, 13, 0.0);
         let mut rng = Rng::new(9);
-        let mut ctx = ForwardCtx {
-            train: true,
-            rng: &mut rng,
-        };
+        let mut ctx = ForwardCtx::new(true, &mut rng);
         let out = model.encode(&items, &mask, &mut ctx).unwrap();
         let loss = out
             .narrow(1, 5, 1)
