@@ -140,6 +140,7 @@ pub fn bench(
         "parameters": run.model.store.num_scalars(),
         "median_step_ms": median,
         "step_ms": times,
+        "peak_rss_mib": peak_rss_mib(),
     }))
 }
 
@@ -543,6 +544,7 @@ impl Run<'_> {
             "eval_mode": self.cfg.eval.mode,
             "world_size": self.comm.size(),
             "seconds": seconds,
+            "peak_rss_mib": peak_rss_mib(),
             "long_tail": self.long_tail,
         });
         if self.comm.rank() == 0 {
@@ -555,6 +557,20 @@ impl Run<'_> {
         }
         Ok(results)
     }
+}
+
+/// This process's peak resident memory (Linux `VmHWM`), `None` elsewhere.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
 }
 
 /// The global key of a training sample (user, second cloze copy).
