@@ -169,6 +169,32 @@ fn every_variant_and_ablation_trains() {
     }
 }
 
+/// The official student is a second forward pass; without dropout it is the
+/// ranking pass's last position, so both choices train identically. With
+/// dropout they differ (fresh masks), which shows the second pass runs.
+#[test]
+fn a_second_student_pass_equals_the_shared_one_without_dropout() {
+    let runs = fixture().root.join("runs");
+    let steps = ["train.epochs=1", "train.max_steps=4"];
+    for (name, dropout, student) in [
+        ("st_shared_0", "model.dropout=0", "model.student=shared"),
+        ("st_second_0", "model.dropout=0", "model.student=second"),
+        ("st_shared_5", "model.dropout=0.5", "model.student=shared"),
+        ("st_second_5", "model.dropout=0.5", "model.student=second"),
+    ] {
+        train(name, &[steps[0], steps[1], dropout, student]);
+    }
+    // Gradients summed over two graph paths: equal up to summation order.
+    let loss = |n: &str| {
+        llm_esr_tests::epoch_lines(&runs.join(n))[0]["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let rel = |a: &str, b: &str| (loss(a) - loss(b)).abs() / loss(a).abs();
+    assert!(rel("st_shared_0", "st_second_0") < 1e-5);
+    assert!(rel("st_shared_5", "st_second_5") > 1e-4);
+}
+
 #[test]
 fn recommend_never_returns_a_seen_item() {
     let f = fixture();

@@ -108,6 +108,17 @@ pub enum Variant {
     Llmesr,
 }
 
+/// Where the distillation student `[u_co : u_se]` comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StudentPass {
+    /// The last position of the ranking pass (one forward pass, shared masks).
+    Shared,
+    /// A second forward pass of the same input with fresh dropout masks, as
+    /// the official `LLMESR_*.forward`.
+    Second,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
@@ -129,6 +140,8 @@ pub struct ModelConfig {
     pub artifacts: String,
     /// Weight of the self-distillation loss.
     pub alpha: f32,
+    /// Source of the distillation student.
+    pub student: StudentPass,
     /// Ablation switches (LLM-ESR only).
     pub co_view: bool,
     pub se_view: bool,
@@ -151,6 +164,7 @@ impl Default for ModelConfig {
             retrieval_config: serde_yaml::Value::Mapping(Default::default()),
             artifacts: String::new(),
             alpha: 0.1,
+            student: StudentPass::Shared,
             co_view: true,
             se_view: true,
             distill: true,

@@ -17,7 +17,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::checkpoint::{self, TrainState};
-use crate::config::Config;
+use crate::config::{Config, StudentPass};
 use crate::data::{
     cloze_batch, next_item_batch, training_samples, Dataset, Padded, Split, Targets,
 };
@@ -393,7 +393,14 @@ impl Run<'_> {
                 if let Some(retrieval) = self.model.retrieval() {
                     let users: Vec<u32> = shard.iter().map(|&(u, _)| u).collect();
                     let teacher = self.teacher(retrieval, &tables, &users, step)?;
-                    let student = last_position(&states)?;
+                    let student = match cfg.model.student {
+                        StudentPass::Shared => last_position(&states)?,
+                        StudentPass::Second => {
+                            let mut rng = Rng::derive(cfg.seed ^ 0x0073_7475_6465_6e74, step);
+                            let mut ctx = ForwardCtx::new(true, &mut rng).with_rows(&rows);
+                            last_position(&self.model.encode(&tables, &ids, &mask, &mut ctx)?)?
+                        }
+                    };
                     // MSE is a mean over this shard; weight it by its share of the batch.
                     let share = shard.len() as f64 / counts[1];
                     let sd = (retrieval.distill_loss(&student, &teacher)?
