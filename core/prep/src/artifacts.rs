@@ -323,6 +323,56 @@ fn up_to_date(
     matches!(sha256_file(&path), Ok(h) if h == entry.output_sha256)
 }
 
+/// The manifest and report of an [`embed`] run, stage by stage.
+struct Stages<'a> {
+    out_dir: &'a Path,
+    previous: Option<&'a Manifest>,
+    manifest: Manifest,
+    reports: Vec<StageReport>,
+}
+
+impl Stages<'_> {
+    /// The previous entry of stage `name` when its inputs (`key`) and output
+    /// file are unchanged; it is then recorded as up to date.
+    fn reuse(&mut self, name: &str, key: &serde_json::Value) -> Option<StageEntry> {
+        if !up_to_date(self.previous, self.out_dir, name, key) {
+            return None;
+        }
+        let entry = self.previous?.stages.get(name)?.clone();
+        let path = self.out_dir.join(&entry.file);
+        tracing::info!("{name}: up to date ({})", path.display());
+        self.reports.push(StageReport {
+            name: name.into(),
+            status: StageStatus::UpToDate,
+            seconds: 0.0,
+            shape: (entry.rows, entry.cols),
+        });
+        self.manifest.stages.insert(name.into(), entry.clone());
+        Some(entry)
+    }
+
+    /// Records a stage just done and saves the manifest, keeping the previous
+    /// entries of the stages not reached yet (an interrupted run resumes).
+    fn record(&mut self, name: &str, entry: StageEntry, status: StageStatus) -> Result<()> {
+        self.reports.push(StageReport {
+            name: name.into(),
+            status,
+            seconds: entry.seconds,
+            shape: (entry.rows, entry.cols),
+        });
+        self.manifest.stages.insert(name.into(), entry);
+        let merged = merge_previous(&self.manifest, self.previous);
+        write_json_atomic(&self.out_dir.join(MANIFEST_FILE), &merged)
+    }
+
+    fn output_sha256(&self, name: &str) -> Option<String> {
+        self.manifest
+            .stages
+            .get(name)
+            .map(|e| e.output_sha256.clone())
+    }
+}
+
 /// Builds (or brings up to date) the artifacts of the prepared dataset in
 /// `dataset_dir` into `out_dir`. See the module docs for the files.
 pub fn embed(
@@ -446,7 +496,7 @@ pub fn embed(
             }
         }
     };
-    let mut manifest = Manifest {
+    let manifest = Manifest {
         crate_version: env!("CARGO_PKG_VERSION").to_string(),
         dataset: DatasetInfo {
             dir: dataset_dir.display().to_string(),
@@ -460,7 +510,12 @@ pub fn embed(
         user_template: cfg.user_template.clone(),
         stages: BTreeMap::new(),
     };
-    let mut reports = Vec::new();
+    let mut stages = Stages {
+        out_dir,
+        previous: previous.as_ref(),
+        manifest,
+        reports: Vec::new(),
+    };
     let mut encoder: Option<SentenceEncoder> = None;
     let get_encoder = |enc: &mut Option<SentenceEncoder>| -> Result<()> {
         if enc.is_none() {
@@ -477,7 +532,6 @@ pub fn embed(
         }
         Ok(())
     };
-    let write_manifest = |m: &Manifest| write_json_atomic(&out_dir.join(MANIFEST_FILE), m);
 
     // ---- Stage 1: E_se.
     let item_key = match &cfg.item_import {
@@ -487,22 +541,7 @@ pub fn embed(
     };
     let item_path = out_dir.join(ITEM_EMB_FILE);
     let mut item_emb: Option<Tensor> = None;
-    if up_to_date(previous.as_ref(), out_dir, "item_emb", &item_key) {
-        let e = previous
-            .as_ref()
-            .and_then(|m| m.stages.get("item_emb"))
-            .cloned();
-        if let Some(e) = e {
-            tracing::info!("item_emb: up to date ({})", item_path.display());
-            reports.push(StageReport {
-                name: "item_emb".into(),
-                status: StageStatus::UpToDate,
-                seconds: 0.0,
-                shape: (e.rows, e.cols),
-            });
-            manifest.stages.insert("item_emb".into(), e);
-        }
-    } else {
+    if stages.reuse("item_emb", &item_key).is_none() {
         let t = Instant::now();
         let (emb, status, info) = match &cfg.item_import {
             Some(spec) => {
@@ -533,25 +572,16 @@ pub fn embed(
         let sha = save_tensors(&item_path, &[("item_emb", full.clone())])?;
         let (rows, cols) = full.dims2()?;
         let seconds = t.elapsed().as_secs_f64();
-        manifest.stages.insert(
-            "item_emb".into(),
-            StageEntry {
-                key: item_key,
-                file: ITEM_EMB_FILE.into(),
-                output_sha256: sha,
-                rows,
-                cols,
-                seconds,
-                info,
-            },
-        );
-        write_manifest(&merge_previous(&manifest, previous.as_ref()))?;
-        reports.push(StageReport {
-            name: "item_emb".into(),
-            status,
+        let entry = StageEntry {
+            key: item_key,
+            file: ITEM_EMB_FILE.into(),
+            output_sha256: sha,
+            rows,
+            cols,
             seconds,
-            shape: (rows, cols),
-        });
+            info,
+        };
+        stages.record("item_emb", entry, status)?;
         item_emb = Some(full);
     }
 
@@ -564,22 +594,7 @@ pub fn embed(
     };
     let user_path = out_dir.join(USER_EMB_FILE);
     let mut user_emb: Option<Tensor> = None;
-    if up_to_date(previous.as_ref(), out_dir, "user_emb", &user_key) {
-        let e = previous
-            .as_ref()
-            .and_then(|m| m.stages.get("user_emb"))
-            .cloned();
-        if let Some(e) = e {
-            tracing::info!("user_emb: up to date ({})", user_path.display());
-            reports.push(StageReport {
-                name: "user_emb".into(),
-                status: StageStatus::UpToDate,
-                seconds: 0.0,
-                shape: (e.rows, e.cols),
-            });
-            manifest.stages.insert("user_emb".into(), e);
-        }
-    } else {
+    if stages.reuse("user_emb", &user_key).is_none() {
         let t = Instant::now();
         let (emb, status, info) = match &cfg.user_import {
             Some(spec) => (
@@ -612,53 +627,31 @@ pub fn embed(
         let sha = save_tensors(&user_path, &[("user_emb", emb.clone())])?;
         let (rows, cols) = emb.dims2()?;
         let seconds = t.elapsed().as_secs_f64();
-        manifest.stages.insert(
-            "user_emb".into(),
-            StageEntry {
-                key: user_key,
-                file: USER_EMB_FILE.into(),
-                output_sha256: sha,
-                rows,
-                cols,
-                seconds,
-                info,
-            },
-        );
-        write_manifest(&merge_previous(&manifest, previous.as_ref()))?;
-        reports.push(StageReport {
-            name: "user_emb".into(),
-            status,
+        let entry = StageEntry {
+            key: user_key,
+            file: USER_EMB_FILE.into(),
+            output_sha256: sha,
+            rows,
+            cols,
             seconds,
-            shape: (rows, cols),
-        });
+            info,
+        };
+        stages.record("user_emb", entry, status)?;
         user_emb = Some(emb);
     }
     drop(encoder);
 
     // ---- Stage 3: PCA of E_se (rows 1..).
-    let item_sha = manifest
-        .stages
-        .get("item_emb")
-        .map(|e| e.output_sha256.clone());
-    let pca_key = json!({"item_emb_sha256": item_sha, "pca_dim": cfg.pca_dim});
+    let pca_key = json!({"item_emb_sha256": stages.output_sha256("item_emb"),
+                         "pca_dim": cfg.pca_dim});
     let pca_path = out_dir.join(PCA_FILE);
-    let mut explained = 0.0;
-    if up_to_date(previous.as_ref(), out_dir, "pca", &pca_key) {
-        if let Some(e) = previous.as_ref().and_then(|m| m.stages.get("pca")).cloned() {
-            tracing::info!("pca: up to date ({})", pca_path.display());
-            explained = e
-                .info
-                .get("explained_variance")
-                .and_then(|v| v.as_f64())
-                .unwrap_or(0.0);
-            reports.push(StageReport {
-                name: "pca".into(),
-                status: StageStatus::UpToDate,
-                seconds: 0.0,
-                shape: (e.rows, e.cols),
-            });
-            manifest.stages.insert("pca".into(), e);
-        }
+    let explained;
+    if let Some(e) = stages.reuse("pca", &pca_key) {
+        explained = e
+            .info
+            .get("explained_variance")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0);
     } else {
         let t = Instant::now();
         let full = match item_emb.take() {
@@ -716,52 +709,25 @@ pub fn embed(
             "pca: {} -> {k} dims",
             d
         );
-        let (r, c) = projected.dims2()?;
-        manifest.stages.insert(
-            "pca".into(),
-            StageEntry {
-                key: pca_key,
-                file: PCA_FILE.into(),
-                output_sha256: sha,
-                rows: r,
-                cols: c,
-                seconds,
-                info: json!({"explained_variance": explained,
-                             "explained_variance_ratio": fitted.explained_variance_ratio}),
-            },
-        );
-        write_manifest(&merge_previous(&manifest, previous.as_ref()))?;
-        reports.push(StageReport {
-            name: "pca".into(),
-            status: StageStatus::Computed,
+        let (rows, cols) = projected.dims2()?;
+        let entry = StageEntry {
+            key: pca_key,
+            file: PCA_FILE.into(),
+            output_sha256: sha,
+            rows,
+            cols,
             seconds,
-            shape: (r, c),
-        });
+            info: json!({"explained_variance": explained,
+                         "explained_variance_ratio": fitted.explained_variance_ratio}),
+        };
+        stages.record("pca", entry, StageStatus::Computed)?;
     }
 
     // ---- Stage 4: neighbours of U_llm.
-    let user_sha = manifest
-        .stages
-        .get("user_emb")
-        .map(|e| e.output_sha256.clone());
-    let nb_key = json!({"user_emb_sha256": user_sha, "neighbours": cfg.neighbours});
+    let nb_key = json!({"user_emb_sha256": stages.output_sha256("user_emb"),
+                        "neighbours": cfg.neighbours});
     let nb_path = out_dir.join(NEIGHBOURS_FILE);
-    if up_to_date(previous.as_ref(), out_dir, "neighbours", &nb_key) {
-        if let Some(e) = previous
-            .as_ref()
-            .and_then(|m| m.stages.get("neighbours"))
-            .cloned()
-        {
-            tracing::info!("neighbours: up to date ({})", nb_path.display());
-            reports.push(StageReport {
-                name: "neighbours".into(),
-                status: StageStatus::UpToDate,
-                seconds: 0.0,
-                shape: (e.rows, e.cols),
-            });
-            manifest.stages.insert("neighbours".into(), e);
-        }
-    } else {
+    if stages.reuse("neighbours", &nb_key).is_none() {
         let t = Instant::now();
         let u = match user_emb.take() {
             Some(u) => u,
@@ -774,29 +740,22 @@ pub fn embed(
         let sha = save_tensors(&nb_path, &[("indices", indices), ("scores", scores)])?;
         let seconds = t.elapsed().as_secs_f64();
         tracing::info!(seconds, "neighbours: top-{} of {} users", nb.k, nb.rows);
-        manifest.stages.insert(
-            "neighbours".into(),
-            StageEntry {
-                key: nb_key,
-                file: NEIGHBOURS_FILE.into(),
-                output_sha256: sha,
-                rows: nb.rows,
-                cols: nb.k,
-                seconds,
-                info: json!({}),
-            },
-        );
-        reports.push(StageReport {
-            name: "neighbours".into(),
-            status: StageStatus::Computed,
+        let entry = StageEntry {
+            key: nb_key,
+            file: NEIGHBOURS_FILE.into(),
+            output_sha256: sha,
+            rows: nb.rows,
+            cols: nb.k,
             seconds,
-            shape: (nb.rows, nb.k),
-        });
+            info: json!({}),
+        };
+        stages.record("neighbours", entry, StageStatus::Computed)?;
     }
-    write_manifest(&manifest)?;
+    // Only this run's stages: entries of stages that no longer exist go.
+    write_json_atomic(&out_dir.join(MANIFEST_FILE), &stages.manifest)?;
 
-    let item_dim = manifest.stages.get("item_emb").map(|e| e.cols).unwrap_or(0);
-    let user_dim = manifest.stages.get("user_emb").map(|e| e.cols).unwrap_or(0);
+    let cols = |name: &str| stages.manifest.stages.get(name).map_or(0, |e| e.cols);
+    let (item_dim, user_dim) = (cols("item_emb"), cols("user_emb"));
     Ok(ArtifactSummary {
         items,
         users,
@@ -805,7 +764,7 @@ pub fn embed(
         pca_dim: cfg.pca_dim,
         neighbours: cfg.neighbours,
         explained_variance: explained,
-        stages: reports,
+        stages: stages.reports,
     })
 }
 
