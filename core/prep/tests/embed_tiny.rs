@@ -130,14 +130,7 @@ fn embed_tiny_end_to_end() {
     let s4 = embed(&icfg, data.path(), out2.path(), false).unwrap();
     assert_eq!(s4.stages[0].status, StageStatus::Imported);
     let b = Artifacts::load(out2.path(), n_items, n_users, &Device::Cpu).unwrap();
-    let diff = (b.pca - &a.pca)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = llm_esr_runtime::testing::max_abs_diff(&b.pca, &a.pca).unwrap();
     assert!(diff < 1e-5, "pca differs by {diff}");
     let ai: Vec<u32> = a.neighbours.flatten_all().unwrap().to_vec1().unwrap();
     let bi: Vec<u32> = b.neighbours.flatten_all().unwrap().to_vec1().unwrap();

@@ -26,6 +26,7 @@ pub mod ops;
 pub mod params;
 pub mod retrieval;
 pub mod rng;
+pub mod testing;
 pub mod transformer;
 
 pub use abi::{Plugin, PluginDeclaration, PluginKind};

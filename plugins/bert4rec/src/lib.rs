@@ -187,7 +187,7 @@ mod tests {
     use llm_esr_runtime::candle::{Device, D};
     use llm_esr_runtime::params::{params_without_gradient, ParamStore};
     use llm_esr_runtime::serde_json::json;
-    use llm_esr_runtime::Rng;
+    use llm_esr_runtime::{testing, Rng};
 
     const D_MODEL: usize = 8;
     const MAX_LEN: usize = 12;
@@ -212,34 +212,12 @@ mod tests {
         (store, model)
     }
 
-    /// Items (b, l, d) and mask (b, l), left-padded, for sequences of these lengths.
     fn batch(lens: &[usize], l: usize, seed: u64) -> (Tensor, Tensor) {
-        let mut rng = Rng::new(seed);
-        let mut items = vec![0f32; lens.len() * l * D_MODEL];
-        let mut mask = vec![0f32; lens.len() * l];
-        for (i, &n) in lens.iter().enumerate() {
-            for t in l - n..l {
-                mask[i * l + t] = 1.0;
-                for k in 0..D_MODEL {
-                    items[(i * l + t) * D_MODEL + k] = rng.normal() as f32;
-                }
-            }
-        }
-        (
-            Tensor::from_vec(items, (lens.len(), l, D_MODEL), &Device::Cpu).unwrap(),
-            Tensor::from_vec(mask, (lens.len(), l), &Device::Cpu).unwrap(),
-        )
+        testing::left_padded(lens, l, D_MODEL, 0.0, seed).unwrap()
     }
 
-    /// The same items re-padded on the left to `l + k`.
     fn repad(items: &Tensor, mask: &Tensor, k: usize) -> (Tensor, Tensor) {
-        let (b, _, d) = items.dims3().unwrap();
-        let zi = Tensor::zeros((b, k, d), DType::F32, &Device::Cpu).unwrap();
-        let zm = Tensor::zeros((b, k), DType::F32, &Device::Cpu).unwrap();
-        (
-            Tensor::cat(&[&zi, items], 1).unwrap(),
-            Tensor::cat(&[&zm, mask], 1).unwrap(),
-        )
+        testing::pad_left(items, mask, k).unwrap()
     }
 
     fn eval_ctx(rng: &mut Rng) -> ForwardCtx<'_> {
@@ -325,14 +303,7 @@ mod tests {
                 .encode(&items2, &mask2, &mut eval_ctx(&mut Rng::new(0)))
                 .unwrap();
             let b = b.narrow(1, k, l).unwrap();
-            let diff = (&a - &b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = testing::max_abs_diff(&a, &b).unwrap();
             assert!(diff < 1e-5, "k = {k}: {diff}");
         }
     }
@@ -361,14 +332,7 @@ mod tests {
             .encode(&items2, &mask2, &mut eval_ctx(&mut Rng::new(0)))
             .unwrap();
         let b = b.narrow(1, 3, 5).unwrap();
-        let diff = (&a - &b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = testing::max_abs_diff(&a, &b).unwrap();
         assert!(diff > 1e-4, "{diff}");
     }
 

@@ -187,7 +187,7 @@ mod tests {
     use llm_esr_runtime::candle::{DType, Device};
     use llm_esr_runtime::params::{params_without_gradient, ParamStore};
     use llm_esr_runtime::serde_json::{json, Value};
-    use llm_esr_runtime::Rng;
+    use llm_esr_runtime::{testing, Rng};
 
     const D_MODEL: usize = 6;
     const MAX_LEN: usize = 12;
@@ -209,23 +209,8 @@ mod tests {
         (store, model)
     }
 
-    /// Left-padded items (b, l, d) and mask (b, l); padding rows hold `pad`.
     fn batch(lens: &[usize], l: usize, seed: u64, pad: f32) -> (Tensor, Tensor) {
-        let mut rng = Rng::new(seed);
-        let mut items = vec![pad; lens.len() * l * D_MODEL];
-        let mut mask = vec![0f32; lens.len() * l];
-        for (i, &n) in lens.iter().enumerate() {
-            for t in l - n..l {
-                mask[i * l + t] = 1.0;
-                for k in 0..D_MODEL {
-                    items[(i * l + t) * D_MODEL + k] = rng.normal() as f32;
-                }
-            }
-        }
-        (
-            Tensor::from_vec(items, (lens.len(), l, D_MODEL), &Device::Cpu).unwrap(),
-            Tensor::from_vec(mask, (lens.len(), l), &Device::Cpu).unwrap(),
-        )
+        testing::left_padded(lens, l, D_MODEL, pad, seed).unwrap()
     }
 
     fn eval(model: &dyn Backbone, items: &Tensor, mask: &Tensor) -> Tensor {
@@ -235,14 +220,7 @@ mod tests {
     }
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        testing::max_abs_diff(a, b).unwrap()
     }
 
     /// torch's GRU cell without bias, in plain f32 loops.
