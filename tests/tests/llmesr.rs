@@ -160,6 +160,11 @@ fn every_variant_and_ablation_trains() {
             "bert4rec",
             vec!["model.backbone=bert4rec", "model.encoder={}"],
         ),
+        // The plugin guide's example backbone under LLM-ESR.
+        (
+            "meanrec",
+            vec!["model.backbone=meanrec", "model.encoder=null"],
+        ),
     ] {
         let mut extra = set.clone();
         extra.push("train.epochs=1");
