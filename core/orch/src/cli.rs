@@ -90,6 +90,9 @@ pub enum Command {
     Report {
         /// Run directories (each with a results.json).
         runs: Vec<PathBuf>,
+        /// A Markdown table with every group, the best epoch and the minutes.
+        #[arg(long)]
+        markdown: bool,
     },
 }
 
@@ -187,7 +190,7 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
         }
-        Command::Report { runs } => {
+        Command::Report { runs, markdown } => {
             let mut rows = Vec::new();
             for dir in runs {
                 let path = dir.join(train::RESULTS);
@@ -199,7 +202,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 let name = value["name"].as_str().unwrap_or("?").to_string();
                 rows.push((name, value));
             }
-            print!("{}", crate::report::tables(&rows));
+            if markdown {
+                print!("{}", crate::report::markdown(&rows));
+            } else {
+                print!("{}", crate::report::tables(&rows));
+            }
             Ok(())
         }
     }
