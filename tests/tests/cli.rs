@@ -188,3 +188,45 @@ fn training_on_beauty5_tiny_beats_random() {
     assert!(!again.status.success());
     assert!(text(&again.stderr).contains("--resume"));
 }
+
+/// Test users are grouped by the training length `seq[:-2]` by default and by
+/// the test input `seq[:-1]` (cut to max_len) with `test_users_by:
+/// test_input`, as the official report; validation groups do not change.
+/// Group sizes are recounted here from inter.txt.
+#[test]
+fn test_user_groups_follow_test_users_by() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().display().to_string();
+    let mut lens = std::collections::BTreeMap::<u32, usize>::new();
+    let inter = std::fs::read_to_string(dataset("beauty5_tiny").join("inter.txt")).unwrap();
+    for line in inter.lines().filter(|l| !l.trim().is_empty()) {
+        let user: u32 = line.split_whitespace().next().unwrap().parse().unwrap();
+        *lens.entry(user).or_default() += 1;
+    }
+    let run = |name: &str, by: &str| {
+        let by = format!("data.long_tail.test_users_by={by}");
+        let args = llm_esr_tests::tiny_train_args(&out, name, &["train.epochs=1", &by]);
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = run_cli(&a, &[]);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        llm_esr_tests::results(&tmp.path().join(name))
+    };
+    let (train, input) = (
+        run("by_train", "train_length"),
+        run("by_input", "test_input"),
+    );
+    let threshold = train["long_tail"]["user_threshold"].as_u64().unwrap() as usize;
+    assert_eq!(input["long_tail"]["test_users_by"], "test_input");
+    let head = |shift: usize| {
+        lens.values()
+            .filter(|&&n| n >= 3 && (n - shift).min(50) >= threshold)
+            .count() as f64
+    };
+    let users =
+        |r: &serde_json::Value, split: &str| r[split]["head_user"]["users"].as_f64().unwrap();
+    assert_eq!(users(&train, "test"), head(2));
+    assert_eq!(users(&input, "test"), head(1));
+    assert!(head(1) > head(2));
+    assert_eq!(users(&train, "valid"), users(&input, "valid"));
+    assert_eq!(users(&input, "valid"), head(2));
+}

@@ -4,12 +4,12 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use llm_esr_prep::{long_tail, Artifacts, LongTail};
+use llm_esr_prep::{long_tail, Artifacts, LongTail, TestUserLength};
 use llm_esr_runtime::candle::Device;
 use tracing::info;
 
 use crate::config::{expand_env, Config, Variant};
-use crate::data::Dataset;
+use crate::data::{Dataset, Split};
 use crate::eval::Grouping;
 use crate::model::Recommender;
 use crate::plugin_host;
@@ -55,12 +55,25 @@ pub fn long_tail_groups(cfg: &Config, ds: &Dataset) -> Result<LongTail> {
     long_tail(&ds.seqs, ds.num_items, &cfg.data.long_tail).context("config key `data.long_tail`")
 }
 
-/// Head/tail membership for evaluation: items by popularity (distinct users),
-/// users by training length.
-pub fn grouping(lt: &LongTail) -> Grouping {
+/// Head/tail membership for evaluating `split`: items by popularity
+/// (distinct users), users by training length, or for the test split by the
+/// test input when `data.long_tail.test_users_by` says so.
+pub fn grouping(cfg: &Config, ds: &Dataset, lt: &LongTail, split: Split) -> Grouping {
+    let by_input =
+        split == Split::Test && cfg.data.long_tail.test_users_by == TestUserLength::TestInput;
+    let user_head = if by_input {
+        (0..ds.num_users)
+            .map(|u| {
+                let input = ds.seqs[u].len().saturating_sub(1);
+                lt.is_head_len(input.min(cfg.data.max_len))
+            })
+            .collect()
+    } else {
+        // LongTail indexes users from 1; evaluation from 0.
+        lt.head_users[1..].to_vec()
+    };
     Grouping {
         item_head: Some(lt.head_items.clone()),
-        // LongTail indexes users from 1; evaluation from 0.
-        user_head: Some(lt.head_users[1..].to_vec()),
+        user_head: Some(user_head),
     }
 }

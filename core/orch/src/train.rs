@@ -63,7 +63,8 @@ struct Run<'a> {
     vars: Vec<(String, Var)>,
     plain_vars: Vec<Var>,
     device: Device,
-    grouping: Grouping,
+    /// Evaluation groups of the validation and the test split.
+    groupings: [Grouping; 2],
     long_tail: serde_json::Value,
     run_dir: PathBuf,
 }
@@ -173,8 +174,13 @@ impl<'a> Run<'a> {
         Ok(Run {
             cfg,
             comm,
-            grouping: crate::assemble::grouping(&lt),
-            long_tail: serde_json::to_value(&lt.summary)?,
+            groupings: [Split::Valid, Split::Test]
+                .map(|split| crate::assemble::grouping(cfg, &ds, &lt, split)),
+            long_tail: {
+                let mut v = serde_json::to_value(&lt.summary)?;
+                v["test_users_by"] = serde_json::to_value(cfg.data.long_tail.test_users_by)?;
+                v
+            },
             ds,
             model,
             vars,
@@ -530,7 +536,8 @@ impl Run<'_> {
             .step_by(self.comm.size())
             .collect();
         let ranks = eval::rank_targets(&self.model, &self.ds, split, cfg, &users, &self.device)?;
-        eval::aggregate(&ranks, &cfg.eval.ks, &self.grouping, self.comm)
+        let grouping = &self.groupings[(split == Split::Test) as usize];
+        eval::aggregate(&ranks, &cfg.eval.ks, grouping, self.comm)
     }
 
     fn finish(&self, state: &TrainState, seconds: f64) -> Result<serde_json::Value> {

@@ -35,5 +35,5 @@ pub use artifacts::{embed, ArtifactSummary, Artifacts, EmbedConfig, Manifest};
 pub use dataset::{train_part, Dataset, DatasetSummary, ItemText};
 pub use encoder::SentenceEncoder;
 pub use import::ImportSpec;
-pub use long_tail::{long_tail, LongTail, LongTailConfig, LongTailSummary};
+pub use long_tail::{long_tail, LongTail, LongTailConfig, LongTailSummary, TestUserLength};
 pub use prepare::{prepare, InputFormat, KCore, PrepareConfig};

@@ -19,9 +19,9 @@
 //!   per-dataset values: Yelp 12/13, Fashion 3/4, Beauty 9/4 as `ts_user`/`ts_item`).
 //!
 //! Note: the official code groups test users by the length of the test input
-//! (`seq[:-1]`, one more than the training part). To reproduce that exactly,
-//! classify with [`LongTail::is_head_len`] on the input length instead of reading
-//! `head_users`.
+//! (`seq[:-1]`, one more than the training part); [`TestUserLength::TestInput`]
+//! asks the trainer to classify test users with [`LongTail::is_head_len`] on
+//! that length instead of reading `head_users`.
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -39,6 +39,20 @@ pub struct LongTailConfig {
     pub ts_user: Option<usize>,
     /// Fixed item threshold: head items have a popularity `>= ts_item`.
     pub ts_item: Option<usize>,
+    /// The length that makes a test user head or tail (validation users are
+    /// always grouped by their input, the training part).
+    pub test_users_by: TestUserLength,
+}
+
+/// The length of a user in the test report's user groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TestUserLength {
+    /// The training part `seq[:-2]`, the same groups as validation (default).
+    TrainLength,
+    /// The test input `seq[:-1]` cut to `data.max_len`, as the official
+    /// `metric_len_report` (one item longer than the training part).
+    TestInput,
 }
 
 impl Default for LongTailConfig {
@@ -47,6 +61,7 @@ impl Default for LongTailConfig {
             pareto: Some(0.2),
             ts_user: None,
             ts_item: None,
+            test_users_by: TestUserLength::TrainLength,
         }
     }
 }
@@ -235,6 +250,7 @@ mod tests {
             pareto: None,
             ts_user: Some(2),
             ts_item: Some(2),
+            ..LongTailConfig::default()
         };
         let lt = long_tail(&seqs, 5, &cfg).unwrap();
         assert_eq!(lt.summary.head_items, 3);
@@ -245,6 +261,7 @@ mod tests {
             pareto: None,
             ts_user: None,
             ts_item: Some(1),
+            ..LongTailConfig::default()
         };
         assert!(long_tail(&seqs, 5, &bad).is_err());
     }

@@ -42,7 +42,7 @@ use crate::dataset::{
     SUMMARY_FILE, USER_MAP_FILE,
 };
 use crate::fsutil::write_atomic;
-use crate::long_tail::{long_tail, LongTailConfig};
+use crate::long_tail::{long_tail, LongTailConfig, TestUserLength};
 use crate::table::{guess_delimiter, Table};
 
 /// Layout of the raw interaction file.
@@ -188,6 +188,14 @@ pub fn prepare(cfg: &PrepareConfig, out_dir: &Path) -> Result<DatasetSummary> {
                 cfg.interactions.display()
             );
         }
+    }
+
+    if cfg.long_tail.test_users_by != TestUserLength::TrainLength {
+        bail!(
+            "`prepare.long_tail.test_users_by` has no effect on `prepare` (dataset.json \
+             records training-length thresholds); set `data.long_tail.test_users_by` for the \
+             test report of `train`"
+        );
     }
 
     // 1. Raw interactions, in file order.
