@@ -64,8 +64,8 @@ pub fn grouping(cfg: &Config, ds: &Dataset, lt: &LongTail, split: Split) -> Grou
     let user_head = if by_input {
         (0..ds.num_users)
             .map(|u| {
-                let input = ds.seqs[u].len().saturating_sub(1);
-                lt.is_head_len(input.min(cfg.data.max_len))
+                let (input, _) = ds.eval_case(u, Split::Test);
+                lt.is_head_len(input.len().min(cfg.data.max_len))
             })
             .collect()
     } else {

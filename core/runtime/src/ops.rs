@@ -112,6 +112,16 @@ impl Module for LayerNorm {
     }
 }
 
+/// The `(out, in)` weight of a linear layer, Xavier-normal (torch's
+/// `xavier_normal_`), named `weight`.
+fn xavier_weight(vb: &VarBuilder, in_dim: usize, out_dim: usize) -> Result<Tensor> {
+    vb.get_with_hints(
+        (out_dim, in_dim),
+        "weight",
+        crate::params::xavier_normal(out_dim, in_dim),
+    )
+}
+
 /// A linear layer with Xavier-normal weights (torch's `xavier_normal_`) and zero
 /// bias; `x @ W^T + b` over any number of leading dimensions.
 pub fn linear_xavier(
@@ -120,11 +130,7 @@ pub fn linear_xavier(
     out_dim: usize,
     bias: bool,
 ) -> Result<candle_nn::Linear> {
-    let weight = vb.get_with_hints(
-        (out_dim, in_dim),
-        "weight",
-        crate::params::xavier_normal(out_dim, in_dim),
-    )?;
+    let weight = xavier_weight(&vb, in_dim, out_dim)?;
     let bias = if bias {
         Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?)
     } else {
@@ -154,11 +160,7 @@ pub fn linear_torch_bias(
     in_dim: usize,
     out_dim: usize,
 ) -> Result<candle_nn::Linear> {
-    let weight = vb.get_with_hints(
-        (out_dim, in_dim),
-        "weight",
-        crate::params::xavier_normal(out_dim, in_dim),
-    )?;
+    let weight = xavier_weight(&vb, in_dim, out_dim)?;
     let bound = 1.0 / (in_dim as f64).sqrt();
     let bias = vb.get_with_hints(
         out_dim,
