@@ -38,8 +38,13 @@ pub enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
         /// Continue the run in the config's run directory from its last checkpoint.
+        /// The config must equal the saved one except train.epochs,
+        /// train.max_steps and train.patience.
         #[arg(long)]
         resume: bool,
+        /// With --resume: accept a config that differs from the saved one.
+        #[arg(long, requires = "resume")]
+        force_config: bool,
     },
     /// Raw interactions (`prepare.*`) -> a prepared dataset in `data.dir`.
     Prepare {
@@ -111,13 +116,21 @@ pub fn run(cli: Cli) -> Result<()> {
             config,
             set,
             resume,
+            force_config,
         } => {
             let cfg = Config::load(&config, &set)?;
             let backend = llm_esr_comm::Backend::parse(&cfg.distributed.backend)
                 .context("config key `distributed.backend`")?;
             let comm = llm_esr_comm::init(backend)?;
             logging::init(cli.log_format, comm.rank());
-            let result = train::train(&cfg, &train::TrainOptions { resume }, comm.as_ref());
+            let result = train::train(
+                &cfg,
+                &train::TrainOptions {
+                    resume,
+                    force_config,
+                },
+                comm.as_ref(),
+            );
             if let Err(e) = &result {
                 if comm.size() > 1 {
                     // The other ranks may wait in a collective for this one:

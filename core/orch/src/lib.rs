@@ -20,5 +20,6 @@ pub mod plugin_host;
 pub mod progress;
 pub mod recommend;
 pub mod report;
+pub mod run_dir;
 pub mod sweep;
 pub mod train;

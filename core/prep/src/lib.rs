@@ -16,12 +16,14 @@
 //! (reading a prepared dataset, the leave-one-out split), [`long_tail`]
 //! (head/tail groups), [`prompts`] (item and user prompts), [`encoder`] (the
 //! sentence encoder), [`import`] (external vectors), [`pca`], [`knn`],
-//! [`artifacts`] (the embed stage, the manifest and the loader); [`table`] and
-//! [`fsutil`] are helpers (delimited files; atomic writes, hashes, progress).
+//! [`artifacts`] (the embed stage, the manifest and the loader); [`table`],
+//! [`fsutil`] and [`finite`] are helpers (delimited files; atomic writes,
+//! hashes, progress; NaN and infinity checks of loaded tensors).
 
 pub mod artifacts;
 pub mod dataset;
 pub mod encoder;
+pub mod finite;
 pub mod fsutil;
 pub mod import;
 pub mod knn;
