@@ -91,15 +91,23 @@ pub fn discover(dirs: &[PathBuf]) -> Vec<Found> {
 /// Opens a library and reads its declaration without calling into it.
 pub fn inspect(path: &Path) -> Found {
     match open_declaration(path) {
-        Ok(decl) => {
-            let info = unsafe { decl.info() };
-            let refused = info.incompatibility().map(|why| format!("{why}; {FIX}"));
-            Found {
-                path: path.to_path_buf(),
-                info: Some(info),
-                refused,
+        // SAFETY: `decl` is the address of the exported declaration symbol;
+        // only its first u32 is read unless that is our ABI version.
+        Ok(decl) => match unsafe { DeclarationInfo::read(decl) } {
+            Ok(info) => {
+                let refused = info.incompatibility().map(|why| format!("{why}; {FIX}"));
+                Found {
+                    path: path.to_path_buf(),
+                    info: Some(info),
+                    refused,
+                }
             }
-        }
+            Err(version) => Found {
+                path: path.to_path_buf(),
+                info: None,
+                refused: Some(DeclarationInfo::foreign_abi(version)),
+            },
+        },
         Err(e) => Found {
             path: path.to_path_buf(),
             info: None,
@@ -108,7 +116,8 @@ pub fn inspect(path: &Path) -> Found {
     }
 }
 
-fn open_declaration(path: &Path) -> Result<&'static PluginDeclaration> {
+/// The address of the library's declaration symbol, not yet read.
+fn open_declaration(path: &Path) -> Result<*const PluginDeclaration> {
     #[cfg(unix)]
     let lib: libloading::Library = unsafe {
         libloading::os::unix::Library::open(
@@ -133,7 +142,7 @@ fn open_declaration(path: &Path) -> Result<&'static PluginDeclaration> {
         bail!("the plugin declaration is a null pointer");
     }
     // `get::<*const T>` of a static yields the static's address.
-    Ok(unsafe { &*ptr })
+    Ok(ptr)
 }
 
 /// libloading's message plus the loader's own (`dlerror`), which names the
@@ -169,10 +178,20 @@ fn guarded<T>(plugin: &str, f: impl FnOnce() -> candle::Result<T>) -> candle::Re
 /// Loads the plugin at `path`, checks it, and calls its factory.
 pub fn load_path(path: &Path) -> Result<(DeclarationInfo, Plugin)> {
     let decl = open_declaration(path).map_err(|e| anyhow!("plugin {}: {e:#}", path.display()))?;
-    let info = unsafe { decl.info() };
+    // SAFETY: as in `inspect`: the ABI version is read first and alone.
+    let info = unsafe { DeclarationInfo::read(decl) }.map_err(|version| {
+        anyhow!(
+            "plugin {} refused: {}",
+            path.display(),
+            DeclarationInfo::foreign_abi(version)
+        )
+    })?;
     if let Some(why) = info.incompatibility() {
         bail!("plugin {} refused: {why}; {FIX}", path.display());
     }
+    // SAFETY: same ABI, compiler and runtime: the symbol is a declaration of
+    // this very layout, a static of a library that is never unloaded.
+    let decl: &'static PluginDeclaration = unsafe { &*decl };
     let create = decl.create;
     let plugin = guarded(&info.name, || Ok(create())).map_err(|e| anyhow!("{e}"))?;
     if plugin.kind().as_str() != info.kind {
