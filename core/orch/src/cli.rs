@@ -182,7 +182,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let cfg = Config::load(&config, &set)?;
             let comm = llm_esr_comm::init(llm_esr_comm::Backend::parse(&cfg.distributed.backend)?)?;
             logging::init(cli.log_format, comm.rank());
-            let out = train::bench(&cfg, comm.as_ref(), warmup, steps)?;
+            let out = crate::bench::run(&cfg, comm.as_ref(), warmup, steps)?;
             if comm.rank() == 0 {
                 println!("{}", serde_json::to_string(&out)?);
             }

@@ -28,6 +28,7 @@ use llm_esr_runtime::{
 
 use crate::config::{plugin_section, Config, Variant};
 use crate::plugin_host::{self, GuardedBackbone, GuardedFusion, GuardedRetrieval};
+use crate::step::StepSettings;
 
 /// Frozen `E_se` and the trainable adapter that maps it to the hidden size.
 struct SemanticView {
@@ -72,6 +73,11 @@ pub struct Recommender {
     semantic: Option<SemanticView>,
     fusion: Option<GuardedFusion>,
     retrieval: Option<GuardedRetrieval>,
+    /// Where the model's tensors live.
+    pub device: Device,
+    backbone_name: String,
+    /// What the training step takes from the config (see [`crate::step`]).
+    pub settings: StepSettings,
 }
 
 /// The item representations of one step.
@@ -193,7 +199,21 @@ impl Recommender {
             semantic,
             fusion,
             retrieval,
+            device: device.clone(),
+            backbone_name: m.backbone.clone(),
+            settings: StepSettings {
+                seed: cfg.seed,
+                max_len: cfg.data.max_len,
+                pad_to_max_len: cfg.data.pad_to_max_len,
+                alpha: m.alpha,
+                student: m.student,
+            },
         })
+    }
+
+    /// The method in a few words, for logs: `sasrec, plain`.
+    pub fn describe(&self) -> String {
+        format!("{}, {:?}", self.backbone_name, self.variant).to_lowercase()
     }
 
     pub fn objective(&self) -> Objective {
