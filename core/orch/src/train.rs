@@ -175,14 +175,13 @@ impl Run<'_> {
     /// checkpoint at `resume`. Writes nothing.
     pub(crate) fn start(&self, resume: Option<&Path>) -> Result<Start> {
         let cfg = self.cfg;
-        let n_params: usize = self.plain_vars.iter().map(|v| v.elem_count()).sum();
         let mut adam = Adam::new(
-            n_params,
+            &self.plain_vars,
             cfg.train.lr,
             cfg.train.adam_betas,
             cfg.train.adam_eps,
             cfg.train.weight_decay,
-        );
+        )?;
         let mut state = TrainState {
             epoch: 0,
             step: 0,
@@ -195,8 +194,7 @@ impl Run<'_> {
         };
         if let Some(ckpt) = resume {
             let (m, v, s) = checkpoint::load(ckpt, &self.vars)?;
-            adam.m = m;
-            adam.v = v;
+            adam.set_moments(&m, &v)?;
             adam.step = s.step;
             state = s;
             info!(
@@ -266,7 +264,8 @@ impl Run<'_> {
                 });
                 append_line(&self.run_dir.join(METRICS), &line.to_string())?;
                 if cfg.train.checkpoint {
-                    checkpoint::save(&ckpt, &self.vars, &adam.m, &adam.v, &state)?;
+                    let (m, v) = adam.moments()?;
+                    checkpoint::save(&ckpt, &self.vars, &m, &v, &state)?;
                 }
             }
             self.comm.barrier()?;
@@ -402,7 +401,7 @@ impl Run<'_> {
         };
         let mut loss_value = [0f64];
         let mut grad = match prepared {
-            None => vec![0f32; adam.m.len()],
+            None => vec![0f32; adam.len()],
             Some(prepared) => {
                 let loss = self.model.loss(&self.ds, prepared, global, step)?.total()?;
                 loss_value[0] = loss.to_scalar::<f32>()? as f64;
