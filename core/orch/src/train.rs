@@ -22,7 +22,8 @@ use crate::data::{training_samples, Dataset, Split};
 use crate::eval::{self, Grouping, Metrics};
 use crate::files::{append_line, write_atomic, write_json};
 use crate::model::Recommender;
-use crate::optim::{assign_values, flatten_grads, flatten_values, Adam};
+use crate::optim::Adam;
+use crate::parallel::DataParallel;
 use crate::progress::Progress;
 use crate::run_dir::RunDir;
 pub use crate::run_dir::{BEST, CHECKPOINT, METRICS, RESOLVED, RESULTS};
@@ -65,7 +66,7 @@ pub fn parse_device(spec: &str, local_rank: usize) -> Result<Device> {
 /// Everything one run holds.
 pub(crate) struct Run<'a> {
     cfg: &'a Config,
-    comm: &'a dyn Communicator,
+    dp: DataParallel<'a>,
     pub(crate) ds: Dataset,
     pub(crate) model: Recommender,
     vars: Vec<(String, Var)>,
@@ -152,7 +153,7 @@ impl<'a> Run<'a> {
         );
         Ok(Run {
             cfg,
-            comm,
+            dp: DataParallel::new(comm),
             groupings: [Split::Valid, Split::Test]
                 .map(|split| crate::assemble::grouping(cfg, &ds, &lt, split)),
             long_tail: {
@@ -189,7 +190,7 @@ impl Run<'_> {
             best_epoch: 0,
             bad_epochs: 0,
             layout: checkpoint::layout(&self.vars),
-            world_size: self.comm.size(),
+            world_size: self.dp.comm().size(),
             skipped_steps: 0,
         };
         if let Some(ckpt) = resume {
@@ -209,16 +210,14 @@ impl Run<'_> {
 
     fn fit(&self, start: Start) -> Result<serde_json::Value> {
         let cfg = self.cfg;
-        let rank0 = self.comm.rank() == 0;
+        let rank0 = self.dp.is_root();
         let Start {
             mut adam,
             mut state,
         } = start;
         let ckpt = self.run_dir.join(CHECKPOINT);
         // Identical parameters everywhere: rank 0's.
-        let mut flat = flatten_values(&self.plain_vars)?;
-        self.comm.broadcast(&mut flat, 0)?;
-        assign_values(&self.plain_vars, &flat)?;
+        self.dp.broadcast_parameters(&self.plain_vars)?;
 
         let samples = training_samples(&self.ds, self.model.objective());
         let steps_per_epoch = samples.len().div_ceil(cfg.train.batch_size);
@@ -230,7 +229,7 @@ impl Run<'_> {
                 self.train_epoch(epoch, &samples, steps_per_epoch, &mut adam, &mut state.step)?;
             state.skipped_steps += skipped;
             let train_seconds = t0.elapsed().as_secs_f64();
-            self.check_replicas()?;
+            self.dp.check_replicas(&self.plain_vars)?;
             let valid = self.evaluate(Split::Valid)?;
             let metric = valid["overall"][&cfg.eval.metric];
             state.epoch += 1;
@@ -268,7 +267,7 @@ impl Run<'_> {
                     checkpoint::save(&ckpt, &self.vars, &m, &v, &state)?;
                 }
             }
-            self.comm.barrier()?;
+            self.dp.barrier()?;
             if cfg.train.patience > 0 && state.bad_epochs >= cfg.train.patience {
                 info!(
                     epoch = state.epoch,
@@ -299,7 +298,7 @@ impl Run<'_> {
         let mut order = samples.to_vec();
         Rng::derive(cfg.seed, epoch as u64).shuffle(&mut order);
         let progress = Progress::new(
-            self.comm.rank() == 0,
+            self.dp.is_root(),
             steps as u64,
             &format!("epoch {}", epoch + 1),
         );
@@ -308,7 +307,7 @@ impl Run<'_> {
         let mut skipped = 0u64;
         let mut last_problem = String::new();
         for (k, batch) in order.chunks(cfg.train.batch_size).enumerate() {
-            let shard = crate::parallel::shard(batch, self.comm);
+            let shard = self.dp.shard(batch);
             match self.train_step(&shard, epoch, *step, adam)? {
                 StepOutcome::Applied(loss) => {
                     loss_sum += loss;
@@ -394,58 +393,35 @@ impl Run<'_> {
         if let Some(p) = &prepared {
             counts[0] = p.targets() as f64;
         }
-        self.comm.all_reduce_sum_f64(&mut counts)?;
+        self.dp.sum(&mut counts)?;
         let global = GlobalCounts {
             targets: counts[0],
             samples: counts[1],
         };
-        let mut loss_value = [0f64];
-        let mut grad = match prepared {
-            None => vec![0f32; adam.len()],
+        let (loss, grads) = match prepared {
+            None => (0.0, None),
             Some(prepared) => {
                 let loss = self.model.loss(&self.ds, prepared, global, step)?.total()?;
-                loss_value[0] = loss.to_scalar::<f32>()? as f64;
-                flatten_grads(&self.plain_vars, &loss.backward()?)?
+                (loss.to_scalar::<f32>()? as f64, Some(loss.backward()?))
             }
         };
-        self.comm.all_reduce_sum(&mut grad)?;
-        self.comm.all_reduce_sum_f64(&mut loss_value)?;
+        let (loss, grad) = self
+            .dp
+            .reduce(loss, grads.as_ref(), &self.plain_vars, adam.len())?;
         // Every rank holds the same reduced values, so all decide alike.
-        if let Some(problem) = self.non_finite(loss_value[0], &grad) {
+        if let Some(problem) = self.non_finite(loss, &grad) {
             return Ok(StepOutcome::NonFinite(problem));
         }
         adam.step(&self.plain_vars, &grad)?;
-        Ok(StepOutcome::Applied(loss_value[0]))
-    }
-
-    /// Ranks must hold identical parameters; a cheap checksum tells.
-    fn check_replicas(&self) -> Result<()> {
-        if self.comm.size() == 1 {
-            return Ok(());
-        }
-        let local: f64 = flatten_values(&self.plain_vars)?
-            .iter()
-            .map(|&x| x as f64)
-            .sum();
-        let mut bytes = local.to_le_bytes().to_vec();
-        self.comm.broadcast_bytes(&mut bytes, 0)?;
-        let root = f64::from_le_bytes(bytes[..8].try_into().context("checksum broadcast")?);
-        if (root - local).abs() > 1e-3 * (1.0 + local.abs()) {
-            bail!(
-                "rank {} parameters diverged from rank 0 (checksum {local} vs {}): ranks must run the same build and config",
-                self.comm.rank(),
-                root
-            );
-        }
-        Ok(())
+        Ok(StepOutcome::Applied(loss))
     }
 
     fn evaluate(&self, split: Split) -> Result<Metrics> {
         let cfg = self.cfg;
-        let users = crate::parallel::shard(&self.ds.eval_users(), self.comm);
+        let users = self.dp.shard(&self.ds.eval_users());
         let ranks = eval::rank_targets(&self.model, &self.ds, split, cfg, &users, &self.device)?;
         let grouping = &self.groupings[(split == Split::Test) as usize];
-        eval::aggregate(&ranks, &cfg.eval.ks, grouping, self.comm)
+        eval::aggregate(&ranks, &cfg.eval.ks, grouping, self.dp.comm())
     }
 
     fn finish(&self, state: &TrainState, seconds: f64) -> Result<serde_json::Value> {
@@ -465,12 +441,12 @@ impl Run<'_> {
             "valid": valid,
             "test": test,
             "eval_mode": self.cfg.eval.mode,
-            "world_size": self.comm.size(),
+            "world_size": self.dp.comm().size(),
             "seconds": seconds,
             "peak_rss_mib": crate::bench::peak_rss_mib(),
             "long_tail": self.long_tail,
         });
-        if self.comm.rank() == 0 {
+        if self.dp.is_root() {
             write_json(&self.run_dir.join(RESULTS), &results)?;
             info!(
                 "results written to {}",
