@@ -7,18 +7,149 @@
 //! gets no credit. Users are sharded over ranks and the sums all-reduced.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use llm_esr_comm::Communicator;
 use llm_esr_runtime::candle::{Device, Tensor};
 use llm_esr_runtime::{ForwardCtx, Rng};
+use serde::{Serialize, Serializer};
 
 use crate::config::{Config, EvalMode};
 use crate::data::{eval_negatives, Dataset, Padded, Split};
 use crate::model::{last_position, Recommender};
 
-/// group name -> metric name -> value; groups also carry `users` (their size).
-pub type Metrics = BTreeMap<String, BTreeMap<String, f64>>;
+/// A group of evaluated users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    Overall,
+    /// Users whose target item is a tail item.
+    TailItem,
+    HeadItem,
+    /// Users whose length puts them in the tail.
+    TailUser,
+    HeadUser,
+}
+
+impl Group {
+    /// The name in `results.json` and `metrics.jsonl`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Group::Overall => "overall",
+            Group::TailItem => "tail_item",
+            Group::HeadItem => "head_item",
+            Group::TailUser => "tail_user",
+            Group::HeadUser => "head_user",
+        }
+    }
+}
+
+/// HR@K or NDCG@K.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    Hr(usize),
+    Ndcg(usize),
+}
+
+impl Metric {
+    /// This metric of a target at 0-based `rank`.
+    pub fn of_rank(self, rank: usize) -> f64 {
+        match self {
+            Metric::Hr(k) if rank < k => 1.0,
+            Metric::Ndcg(k) if rank < k => 1.0 / ((rank + 2) as f64).log2(),
+            _ => 0.0,
+        }
+    }
+}
+
+impl fmt::Display for Metric {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Metric::Hr(k) => write!(f, "HR@{k}"),
+            Metric::Ndcg(k) => write!(f, "NDCG@{k}"),
+        }
+    }
+}
+
+impl FromStr for Metric {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Metric> {
+        let bad = || anyhow!("`{s}` is not a metric: use HR@K or NDCG@K, e.g. NDCG@10");
+        let (name, k) = s.split_once('@').ok_or_else(bad)?;
+        let k: usize = k.parse().map_err(|_| bad())?;
+        match name {
+            "HR" => Ok(Metric::Hr(k)),
+            "NDCG" => Ok(Metric::Ndcg(k)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// The metrics of every cut-off `ks`: HR@K and NDCG@K for each K.
+pub fn metrics_of(ks: &[usize]) -> Vec<Metric> {
+    ks.iter()
+        .flat_map(|&k| [Metric::Hr(k), Metric::Ndcg(k)])
+        .collect()
+}
+
+/// One group's size and metric values.
+#[derive(Debug, Clone)]
+pub struct GroupMetrics {
+    pub group: Group,
+    /// Evaluated users in the group.
+    pub users: f64,
+    pub values: Vec<(Metric, f64)>,
+}
+
+/// The evaluation of one split, group by group. Serialises as
+/// `{group: {metric: value, ..., "users": n}}`, the shape of `results.json`.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    pub groups: Vec<GroupMetrics>,
+}
+
+impl Metrics {
+    pub fn get(&self, group: Group, metric: Metric) -> Option<f64> {
+        let g = self.groups.iter().find(|g| g.group == group)?;
+        g.values.iter().find(|(m, _)| *m == metric).map(|(_, v)| *v)
+    }
+
+    pub fn users(&self, group: Group) -> Option<f64> {
+        self.groups
+            .iter()
+            .find(|g| g.group == group)
+            .map(|g| g.users)
+    }
+}
+
+impl Serialize for Metrics {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let map: BTreeMap<&str, BTreeMap<String, f64>> = self
+            .groups
+            .iter()
+            .map(|g| {
+                let mut values: BTreeMap<String, f64> =
+                    g.values.iter().map(|(m, v)| (m.to_string(), *v)).collect();
+                values.insert("users".into(), g.users);
+                (g.group.name(), values)
+            })
+            .collect();
+        map.serialize(serializer)
+    }
+}
+
+/// The 0-based rank of a user's held-out target among its candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetRank {
+    /// 0-based user index.
+    pub user: u32,
+    /// The target item id.
+    pub target: u32,
+    /// Candidates scored at or above the target.
+    pub rank: usize,
+}
 
 /// Head/tail membership used to split metrics (see the long-tail module).
 #[derive(Debug, Clone, Default)]
@@ -30,25 +161,27 @@ pub struct Grouping {
 }
 
 impl Grouping {
-    fn names(&self) -> Vec<&'static str> {
-        let mut g = vec!["overall"];
+    /// The groups this grouping reports.
+    fn groups(&self) -> Vec<Group> {
+        let mut g = vec![Group::Overall];
         if self.item_head.is_some() {
-            g.extend(["tail_item", "head_item"]);
+            g.extend([Group::TailItem, Group::HeadItem]);
         }
         if self.user_head.is_some() {
-            g.extend(["tail_user", "head_user"]);
+            g.extend([Group::TailUser, Group::HeadUser]);
         }
         g
     }
 
-    fn member(&self, group: &str, user: usize, target: u32) -> bool {
+    fn member(&self, group: Group, r: &TargetRank) -> bool {
+        let item_head = |h: &Vec<bool>| h[r.target as usize];
+        let user_head = |h: &Vec<bool>| h[r.user as usize];
         match group {
-            "overall" => true,
-            "tail_item" => self.item_head.as_ref().is_some_and(|h| !h[target as usize]),
-            "head_item" => self.item_head.as_ref().is_some_and(|h| h[target as usize]),
-            "tail_user" => self.user_head.as_ref().is_some_and(|h| !h[user]),
-            "head_user" => self.user_head.as_ref().is_some_and(|h| h[user]),
-            _ => false,
+            Group::Overall => true,
+            Group::TailItem => self.item_head.as_ref().is_some_and(|h| !item_head(h)),
+            Group::HeadItem => self.item_head.as_ref().is_some_and(item_head),
+            Group::TailUser => self.user_head.as_ref().is_some_and(|h| !user_head(h)),
+            Group::HeadUser => self.user_head.as_ref().is_some_and(user_head),
         }
     }
 }
@@ -61,7 +194,7 @@ pub fn rank_targets(
     cfg: &Config,
     users: &[u32],
     device: &Device,
-) -> Result<Vec<(u32, u32, usize)>> {
+) -> Result<Vec<TargetRank>> {
     let (max_len, pad_to_max_len, seed) = (cfg.data.max_len, cfg.data.pad_to_max_len, cfg.seed);
     let cfg = &cfg.eval;
     let tables = model.tables()?;
@@ -106,7 +239,11 @@ pub fn rank_targets(
                     .to_vec2()?;
                 for ((&u, (_, target)), s) in chunk.iter().zip(&cases).zip(scores) {
                     let rank = s[1..].iter().filter(|&&x| counts_against(x, s[0])).count();
-                    out.push((u, *target, rank));
+                    out.push(TargetRank {
+                        user: u,
+                        target: *target,
+                        rank,
+                    });
                 }
             }
             EvalMode::Full => {
@@ -120,7 +257,11 @@ pub fn rank_targets(
                                 && !ds.has_item(u as usize, j as u32)
                         })
                         .count();
-                    out.push((u, *target, rank));
+                    out.push(TargetRank {
+                        user: u,
+                        target: *target,
+                        rank,
+                    });
                 }
             }
         }
@@ -137,44 +278,48 @@ fn counts_against(x: f32, target: f32) -> bool {
 
 /// Sums HR/NDCG per group locally, all-reduces, and averages.
 pub fn aggregate(
-    ranks: &[(u32, u32, usize)],
+    ranks: &[TargetRank],
     ks: &[usize],
     grouping: &Grouping,
     comm: &dyn Communicator,
 ) -> Result<Metrics> {
-    let groups = grouping.names();
-    let width = 1 + 2 * ks.len();
+    let groups = grouping.groups();
+    let metrics = metrics_of(ks);
+    // Per group: the user count, then one sum per metric.
+    let width = 1 + metrics.len();
     let mut sums = vec![0f64; groups.len() * width];
-    for &(u, target, rank) in ranks {
-        for (g, name) in groups.iter().enumerate() {
-            if !grouping.member(name, u as usize, target) {
+    for r in ranks {
+        for (g, &group) in groups.iter().enumerate() {
+            if !grouping.member(group, r) {
                 continue;
             }
             let row = &mut sums[g * width..(g + 1) * width];
             row[0] += 1.0;
-            for (i, &k) in ks.iter().enumerate() {
-                if rank < k {
-                    row[1 + 2 * i] += 1.0;
-                    row[2 + 2 * i] += 1.0 / ((rank + 2) as f64).log2();
-                }
+            for (i, m) in metrics.iter().enumerate() {
+                row[1 + i] += m.of_rank(r.rank);
             }
         }
     }
     comm.all_reduce_sum_f64(&mut sums)?;
-    let mut metrics = Metrics::new();
-    for (g, name) in groups.iter().enumerate() {
-        let row = &sums[g * width..(g + 1) * width];
-        let n = row[0];
-        let mut m = BTreeMap::new();
-        m.insert("users".to_string(), n);
-        for (i, &k) in ks.iter().enumerate() {
+    let groups = groups
+        .iter()
+        .enumerate()
+        .map(|(g, &group)| {
+            let row = &sums[g * width..(g + 1) * width];
+            let n = row[0];
             let avg = |x: f64| if n > 0.0 { x / n } else { 0.0 };
-            m.insert(format!("HR@{k}"), avg(row[1 + 2 * i]));
-            m.insert(format!("NDCG@{k}"), avg(row[2 + 2 * i]));
-        }
-        metrics.insert(name.to_string(), m);
-    }
-    Ok(metrics)
+            GroupMetrics {
+                group,
+                users: n,
+                values: metrics
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &m)| (m, avg(row[1 + i])))
+                    .collect(),
+            }
+        })
+        .collect();
+    Ok(Metrics { groups })
 }
 
 #[cfg(test)]
@@ -195,12 +340,19 @@ mod tests {
     fn hand_computed_metrics() -> Result<()> {
         let comm = llm_esr_comm::init(llm_esr_comm::Backend::Single)?;
         // Ranks 0, 3, 12: HR@10 = 2/3; NDCG@10 = (1 + 1/log2(5)) / 3.
-        let ranks = vec![(0, 1, 0), (1, 2, 3), (2, 3, 12)];
+        let ranks: Vec<TargetRank> = [(0, 1, 0), (1, 2, 3), (2, 3, 12)]
+            .map(|(user, target, rank)| TargetRank { user, target, rank })
+            .to_vec();
         let m = aggregate(&ranks, &[10], &Grouping::default(), comm.as_ref())?;
-        let o = &m["overall"];
-        assert!((o["HR@10"] - 2.0 / 3.0).abs() < 1e-12);
-        assert!((o["NDCG@10"] - (1.0 + 1.0 / 5f64.log2()) / 3.0).abs() < 1e-12);
-        assert_eq!(o["users"], 3.0);
+        let get = |metric: &str| m.get(Group::Overall, metric.parse().unwrap()).unwrap();
+        assert!((get("HR@10") - 2.0 / 3.0).abs() < 1e-12);
+        assert!((get("NDCG@10") - (1.0 + 1.0 / 5f64.log2()) / 3.0).abs() < 1e-12);
+        assert_eq!(m.users(Group::Overall), Some(3.0));
+        // The JSON shape of results.json.
+        let json = serde_json::to_value(&m)?;
+        assert_eq!(json["overall"]["users"], 3.0);
+        assert_eq!(json["overall"]["HR@10"], 2.0 / 3.0);
+        assert!("HR@x".parse::<Metric>().is_err() && "MRR@5".parse::<Metric>().is_err());
         Ok(())
     }
 }

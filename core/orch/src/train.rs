@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{config_error, Config, NanPolicy};
 use crate::data::{training_samples, Dataset, Split};
-use crate::eval::{self, Grouping, Metrics};
+use crate::eval::{self, Group, Grouping, Metric, Metrics};
 use crate::files::{append_line, write_atomic, write_json};
 use crate::model::Recommender;
 use crate::optim::Adam;
@@ -74,6 +74,8 @@ pub(crate) struct Run<'a> {
     device: Device,
     /// Evaluation groups of the validation and the test split.
     groupings: [Grouping; 2],
+    /// `eval.metric`: early stopping and the best epoch.
+    early_stop: Metric,
     long_tail: serde_json::Value,
     run_dir: PathBuf,
 }
@@ -154,6 +156,11 @@ impl<'a> Run<'a> {
         Ok(Run {
             cfg,
             dp: DataParallel::new(comm),
+            early_stop: cfg
+                .eval
+                .metric
+                .parse()
+                .map_err(|e| config_error(format!("config key `eval.metric`: {e}")))?,
             groupings: [Split::Valid, Split::Test]
                 .map(|split| crate::assemble::grouping(cfg, &ds, &lt, split)),
             long_tail: {
@@ -231,7 +238,9 @@ impl Run<'_> {
             let train_seconds = t0.elapsed().as_secs_f64();
             self.dp.check_replicas(&self.plain_vars)?;
             let valid = self.evaluate(Split::Valid)?;
-            let metric = valid["overall"][&cfg.eval.metric];
+            let metric = valid
+                .get(Group::Overall, self.early_stop)
+                .context("the validation metric was not computed")?;
             state.epoch += 1;
             if metric > state.best_metric {
                 state.best_metric = metric;
