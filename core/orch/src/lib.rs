@@ -13,6 +13,7 @@ pub mod config;
 pub mod data;
 pub mod eval;
 pub mod files;
+pub mod limits;
 pub mod logging;
 pub mod model;
 pub mod optim;
