@@ -18,6 +18,7 @@ pub mod logging;
 pub mod model;
 pub mod optim;
 pub mod plugin_host;
+pub mod preflight;
 pub mod progress;
 pub mod recommend;
 pub mod report;

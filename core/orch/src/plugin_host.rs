@@ -166,6 +166,40 @@ fn guarded<T>(plugin: &str, f: impl FnOnce() -> candle::Result<T>) -> candle::Re
     }
 }
 
+/// A plugin's `build` returned an error: it refused its specification (its
+/// configuration section, or the sizes the host gave it). The host reports it
+/// as an error of the plugin's config section (exit status 2); a panic in
+/// `build` stays an ordinary error.
+#[derive(Debug)]
+pub struct BuildRefused {
+    pub plugin: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for BuildRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "plugin `{}`: {}", self.plugin, self.message)
+    }
+}
+
+impl std::error::Error for BuildRefused {}
+
+/// Runs a plugin's `build` under the panic guard: an error it returns becomes
+/// [`BuildRefused`].
+fn build_guarded<T>(plugin: &str, f: impl FnOnce() -> candle::Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(anyhow::Error::new(BuildRefused {
+            plugin: plugin.to_string(),
+            message: e.to_string(),
+        })),
+        Err(payload) => Err(anyhow!(
+            "plugin `{plugin}` panicked: {}",
+            panic_message(payload)
+        )),
+    }
+}
+
 /// Loads the plugin at `path`, checks it, and calls its factory.
 pub fn load_path(path: &Path) -> Result<(DeclarationInfo, Plugin)> {
     let decl = open_declaration(path).map_err(|e| anyhow!("plugin {}: {e:#}", path.display()))?;
@@ -214,12 +248,12 @@ pub fn load(dirs: &[PathBuf], kind: PluginKind, name: &str) -> Result<Plugin> {
         .filter(|i| i.kind == kind.as_str())
         .map(|i| i.name.clone())
         .collect();
-    bail!(
+    Err(crate::config::config_error(format!(
         "no {} plugin named `{name}` (available: {}); searched {}. Build it with `cargo build --release --workspace`, or add its directory to `plugins.paths` or {PLUGIN_PATH_ENV}",
         kind.as_str(),
         if available.is_empty() { "none".to_string() } else { available.join(", ") },
         dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
-    )
+    )))
 }
 
 /// A backbone whose calls are protected against panics.
@@ -257,7 +291,7 @@ pub fn build_backbone(
         bail!("`{name}` is not a backbone plugin")
     };
     let factory: &dyn BackbonePlugin = factory.as_ref();
-    let inner = guarded(name, || factory.build(vb, spec)).map_err(|e| anyhow!("{e}"))?;
+    let inner = build_guarded(name, || factory.build(vb, spec))?;
     Ok(GuardedBackbone {
         name: name.to_string(),
         inner,
@@ -300,7 +334,7 @@ pub fn build_fusion(
         bail!("`{name}` is not a fusion plugin")
     };
     let factory: &dyn FusionPlugin = factory.as_ref();
-    let inner = guarded(name, || factory.build(vb, spec)).map_err(|e| anyhow!("{e}"))?;
+    let inner = build_guarded(name, || factory.build(vb, spec))?;
     Ok(GuardedFusion {
         name: name.to_string(),
         inner,
@@ -332,7 +366,7 @@ pub fn build_retrieval(
         bail!("`{name}` is not a retrieval plugin")
     };
     let factory: &dyn RetrievalPlugin = factory.as_ref();
-    let inner = guarded(name, || factory.build(spec)).map_err(|e| anyhow!("{e}"))?;
+    let inner = build_guarded(name, || factory.build(spec))?;
     Ok(GuardedRetrieval {
         name: name.to_string(),
         inner,

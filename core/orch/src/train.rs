@@ -80,6 +80,7 @@ pub fn train(
     if cfg.model.variant != crate::config::Variant::Plain {
         cfg.artifacts_dir()?;
     }
+    crate::preflight::check(cfg)?;
     let run_dir = cfg.run_dir()?;
     prepare_run_dir(&run_dir, opts.resume, rank0)?;
     comm.barrier()?;
