@@ -157,3 +157,81 @@ pub fn assert_same_training(one: &Path, many: &Path) {
         assert!((p - q).abs() < 5e-3, "test {m}: {p} vs {q}");
     }
 }
+
+/// Writes a C-order f32 `.npy` matrix of seeded standard normals.
+pub fn write_npy(path: &Path, rows: usize, cols: usize, seed: u64) {
+    let mut rng = llm_esr_runtime::Rng::new(seed);
+    let mut header =
+        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    while !(10 + header.len() + 1).is_multiple_of(64) {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    for _ in 0..rows * cols {
+        bytes.extend((rng.normal() as f32).to_le_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Semantic artifacts for beauty5_tiny in `artifacts` from random 80-d
+/// vectors (`items.npy`, `users.npy` written into `scratch`), through `embed`
+/// with imports: no encoder runs.
+pub fn embed_random_artifacts(scratch: &Path, artifacts: &Path) {
+    let (items, users) = (scratch.join("items.npy"), scratch.join("users.npy"));
+    write_npy(&items, 579, 80, 1);
+    write_npy(&users, 400, 80, 2);
+    let sets = [
+        format!("data.dir={}", dataset("beauty5_tiny").display()),
+        format!("model.artifacts={}", artifacts.display()),
+        format!("embed.item_import={{path: {}}}", items.display()),
+        format!("embed.user_import={{path: {}}}", users.display()),
+    ];
+    let mut args = vec!["embed", "configs/beauty5_tiny_llmesr.yaml"];
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    let out = run_cli(&args, &[]);
+    assert!(out.status.success(), "embed failed: {}", text(&out.stderr));
+}
+
+/// Overwrites the first element of tensor `name` in a safetensors file with
+/// `value` (f32), leaving everything else as it was.
+pub fn poke_safetensors(path: &Path, name: &str, value: f32) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let start = header[name]["data_offsets"][0]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no tensor {name} in {}", path.display()))
+        as usize;
+    let at = 8 + n + start;
+    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Every file under `dir` (relative path) with its bytes: a snapshot to show
+/// that a refused command changed nothing.
+pub fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_path_buf();
+            if p.is_dir() {
+                out.push((rel, Vec::new()));
+                walk(root, &p, out);
+            } else {
+                out.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}

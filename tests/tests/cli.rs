@@ -13,7 +13,7 @@ fn write_config(dir: &Path, body: &str) -> String {
 
 #[test]
 fn plugins_lists_sasrec() {
-    let out = run_cli(&["plugins"], &[]);
+    let out = run_cli(&["plugins", "--inspect"], &[]);
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let line = stdout
@@ -35,7 +35,7 @@ fn plugins_shows_a_refused_plugin_with_the_fix() {
     )
     .unwrap();
     let out = run_cli(
-        &["plugins"],
+        &["plugins", "--inspect"],
         &[("LLM_ESR_PLUGIN_PATH", tmp.path().to_str().unwrap())],
     );
     let stdout = text(&out.stdout);

@@ -5,25 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use llm_esr_tests::{assert_same_training, dataset, mpirun, results, run_cli, text};
-
-/// Writes a C-order f32 `.npy` matrix.
-fn write_npy(path: &Path, rows: usize, cols: usize, seed: u64) {
-    let mut rng = llm_esr_runtime::Rng::new(seed);
-    let mut header =
-        format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
-    while !(10 + header.len() + 1).is_multiple_of(64) {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend((header.len() as u16).to_le_bytes());
-    bytes.extend(header.as_bytes());
-    for _ in 0..rows * cols {
-        bytes.extend((rng.normal() as f32).to_le_bytes());
-    }
-    std::fs::write(path, bytes).unwrap();
-}
+use llm_esr_tests::{
+    assert_same_training, dataset, embed_random_artifacts, mpirun, results, run_cli, text,
+};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -36,26 +20,7 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
-        write_npy(&root.join("items.npy"), 579, 80, 1);
-        write_npy(&root.join("users.npy"), 400, 80, 2);
-        let args = base_args(&root, "artifacts");
-        let mut args: Vec<String> = args;
-        args.insert(0, "embed".into());
-        args.extend([
-            "--set".into(),
-            format!(
-                "embed.item_import={{path: {}}}",
-                root.join("items.npy").display()
-            ),
-            "--set".into(),
-            format!(
-                "embed.user_import={{path: {}}}",
-                root.join("users.npy").display()
-            ),
-        ]);
-        let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = run_cli(&a, &[]);
-        assert!(out.status.success(), "embed failed: {}", text(&out.stderr));
+        embed_random_artifacts(&root, &root.join("artifacts"));
         Fixture { _dir: dir, root }
     })
 }

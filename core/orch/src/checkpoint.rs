@@ -22,6 +22,9 @@ pub struct TrainState {
     /// Fingerprint of the parameter layout (names and shapes).
     pub layout: String,
     pub world_size: usize,
+    /// Steps skipped under `train.nan_policy: skip_step` so far.
+    #[serde(default)]
+    pub skipped_steps: u64,
 }
 
 pub fn layout(vars: &[(String, Var)]) -> String {
@@ -111,6 +114,11 @@ pub fn load_params(path: &Path, vars: &[(String, Var)]) -> Result<()> {
                 var.dims()
             );
         }
+        llm_esr_prep::finite::ensure_finite(
+            t,
+            &format!("checkpoint {}: parameter `{name}`", path.display()),
+            "the file is corrupt or the run had diverged: delete it and train again",
+        )?;
         var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
     }
     Ok(())
@@ -132,11 +140,25 @@ pub fn load(path: &Path, vars: &[(String, Var)]) -> Result<(Vec<f32>, Vec<f32>, 
         );
     }
     load_params(path, vars)?;
+    let n: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let get = |k: &str| -> Result<Vec<f32>> {
-        Ok(tensors
+        let t = tensors
             .get(k)
-            .with_context(|| format!("{}: missing `{k}`", path.display()))?
-            .to_vec1()?)
+            .with_context(|| format!("{}: missing `{k}`", path.display()))?;
+        if t.dims() != [n] {
+            bail!(
+                "checkpoint {}: `{k}` has shape {:?}, the model has {n} parameters; delete the \
+                 checkpoint and train again",
+                path.display(),
+                t.dims()
+            );
+        }
+        llm_esr_prep::finite::ensure_finite(
+            t,
+            &format!("checkpoint {}: optimizer state `{k}`", path.display()),
+            "the file is corrupt: delete it and train again",
+        )?;
+        Ok(t.to_vec1()?)
     };
     Ok((get("adam.m")?, get("adam.v")?, state))
 }

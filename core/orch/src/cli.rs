@@ -25,12 +25,21 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// List every plugin found on the plugin path, with refusals and their fix.
+    /// List the plugin files found on the plugin path (without opening them);
+    /// with --inspect, check each one, with refusals and their fix.
     Plugins {
         /// Also search the `plugins.paths` of this config.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Open each file in a child process, read and check its declaration
+        /// and call its `create` (a crash there is listed as a refusal).
+        #[arg(long)]
+        inspect: bool,
     },
+    /// Internal: inspect one plugin file, for `plugins --inspect` and the
+    /// probe before loading a plugin. Prints JSON lines.
+    #[command(name = "__inspect-plugin", hide = true)]
+    InspectPlugin { path: PathBuf },
     /// Train and evaluate one experiment (under mpirun: data parallel).
     Train {
         config: PathBuf,
@@ -38,8 +47,13 @@ pub enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
         /// Continue the run in the config's run directory from its last checkpoint.
+        /// The config must equal the saved one except train.epochs,
+        /// train.max_steps and train.patience.
         #[arg(long)]
         resume: bool,
+        /// With --resume: accept a config that differs from the saved one.
+        #[arg(long, requires = "resume")]
+        force_config: bool,
     },
     /// Raw interactions (`prepare.*`) -> a prepared dataset in `data.dir`.
     Prepare {
@@ -99,25 +113,38 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    // Each plugin is first opened in a child (this binary, `__inspect-plugin`),
+    // so that a crash in its constructors is reported as its failure.
+    if let Ok(exe) = std::env::current_exe() {
+        plugin_host::probe_with(exe);
+    }
     match cli.command {
-        Command::Plugins { config } => {
+        Command::Plugins { config, inspect } => {
             logging::init(cli.log_format, 0);
             let dirs = match config {
                 Some(path) => assemble::plugin_dirs(&Config::load(&path, &[])?)?,
                 None => plugin_host::search_dirs(&[]),
             };
-            list_plugins(&dirs);
-            Ok(())
+            list_plugins(&dirs, inspect)
         }
+        Command::InspectPlugin { path } => plugin_host::inspector_main(&path),
         Command::Train {
             config,
             set,
             resume,
+            force_config,
         } => {
             let cfg = Config::load(&config, &set)?;
             let comm = init_comm(&cfg.distributed.backend)?;
             logging::init(cli.log_format, comm.rank());
-            let result = train::train(&cfg, &train::TrainOptions { resume }, comm.as_ref());
+            let result = train::train(
+                &cfg,
+                &train::TrainOptions {
+                    resume,
+                    force_config,
+                },
+                comm.as_ref(),
+            );
             if let Err(e) = &result {
                 if comm.size() > 1 {
                     // The other ranks may wait in a collective for this one:
@@ -232,20 +259,35 @@ fn expand_path(key: &str, path: &std::path::Path) -> Result<PathBuf> {
     )?))
 }
 
-fn list_plugins(dirs: &[PathBuf]) {
-    let found = plugin_host::discover(dirs);
+/// Lists the plugin files on `dirs`; with `inspect`, each one is checked in a
+/// child process (`__inspect-plugin`), so that a file that crashes while
+/// loading is listed as refused and the listing goes on.
+fn list_plugins(dirs: &[PathBuf], inspect: bool) -> Result<()> {
+    let mut found = plugin_host::discover(dirs);
+    if inspect {
+        let exe =
+            std::env::current_exe().context("cannot find this executable to inspect plugins")?;
+        for f in &mut found {
+            *f = plugin_host::probe(&exe, &f.path);
+        }
+    }
     println!(
-        "{:<10} {:<16} {:<8} {:<8} path",
+        "{:<10} {:<16} {:<8} {:<13} path",
         "kind", "name", "version", "status"
     );
     for f in &found {
-        let (kind, name, version) = match &f.info {
-            Some(i) => (i.kind.as_str(), i.name.as_str(), i.version.as_str()),
-            None => ("?", "?", "?"),
+        let (kind, version) = match &f.info {
+            Some(i) => (i.kind.as_str(), i.version.as_str()),
+            None => ("?", "?"),
         };
-        let status = if f.refused.is_some() { "refused" } else { "ok" };
+        let status = match (f.inspected, &f.refused) {
+            (false, _) => "not inspected",
+            (true, Some(_)) => "refused",
+            (true, None) => "ok",
+        };
         println!(
-            "{kind:<10} {name:<16} {version:<8} {status:<8} {}",
+            "{kind:<10} {:<16} {version:<8} {status:<13} {}",
+            f.name,
             f.path.display()
         );
         if let Some(why) = &f.refused {
@@ -260,5 +302,8 @@ fn list_plugins(dirs: &[PathBuf]) {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+    } else if !inspect {
+        println!("(names from the file names; `llm-esr-orch plugins --inspect` opens and checks each file in a child process)");
     }
+    Ok(())
 }

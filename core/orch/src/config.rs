@@ -193,6 +193,20 @@ pub struct TrainConfig {
     pub checkpoint: bool,
     /// Stop after this many training steps in total (benchmarks); 0 = no limit.
     pub max_steps: usize,
+    /// What a step whose loss or gradient is NaN or infinite does.
+    pub nan_policy: NanPolicy,
+}
+
+/// What training does when a step's loss or gradient is not finite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NanPolicy {
+    /// Stop the run with an error naming the epoch and step; nothing of that
+    /// epoch is saved and no `results.json` is written.
+    Error,
+    /// Skip the update (parameters and Adam state unchanged) and count the
+    /// step; an epoch whose every step is skipped is an error.
+    SkipStep,
 }
 
 impl Default for TrainConfig {
@@ -208,6 +222,7 @@ impl Default for TrainConfig {
             device: "cpu".into(),
             checkpoint: true,
             max_steps: 0,
+            nan_policy: NanPolicy::Error,
         }
     }
 }
@@ -323,8 +338,14 @@ impl Config {
 
     fn validate(&self) -> Result<()> {
         let bad = |key: &str, why: &str| Err(config_error(format!("config key `{key}`: {why}")));
-        if self.name.is_empty() || self.name.contains('/') {
-            return bad("name", "must be a non-empty name without `/`");
+        if let Some(why) = crate::run_dir::name_problem(&self.name) {
+            return bad(
+                "name",
+                &format!(
+                    "`{}` {why}; a run name is one directory name inside `output_dir`",
+                    self.name.escape_debug()
+                ),
+            );
         }
         // The range of every numeric key (README), the built-in plugins'
         // sections, and relations between keys (see `limits`).
@@ -511,8 +532,15 @@ impl Config {
     /// is written; errors name the key, the value, the range and the dataset.
     pub fn validate_for(&self, ds: &crate::data::Dataset) -> Result<()> {
         let dir = ds.dir.display();
-        let longest = ds
-            .eval_users()
+        let eval_users = ds.eval_users();
+        if eval_users.is_empty() {
+            return Err(config_error(format!(
+                "config key `data.dir`: no user of {dir} has the 3 interactions that \
+                 leave-one-out evaluation needs (training items, a validation and a test \
+                 target): nothing could be evaluated"
+            )));
+        }
+        let longest = eval_users
             .iter()
             .map(|&u| ds.history(u as usize).len())
             .max()

@@ -105,7 +105,7 @@ pub fn rank_targets(
                     .score_candidates(&tables, &user_vecs, &cand)?
                     .to_vec2()?;
                 for ((&u, (_, target)), s) in chunk.iter().zip(&cases).zip(scores) {
-                    let rank = s[1..].iter().filter(|&&x| x >= s[0]).count();
+                    let rank = s[1..].iter().filter(|&&x| counts_against(x, s[0])).count();
                     out.push((u, *target, rank));
                 }
             }
@@ -115,7 +115,9 @@ pub fn rank_targets(
                     let t = s[*target as usize];
                     let rank = (1..s.len())
                         .filter(|&j| {
-                            j != *target as usize && s[j] >= t && !ds.has_item(u as usize, j as u32)
+                            j != *target as usize
+                                && counts_against(s[j], t)
+                                && !ds.has_item(u as usize, j as u32)
                         })
                         .count();
                     out.push((u, *target, rank));
@@ -124,6 +126,13 @@ pub fn rank_targets(
         }
     }
     Ok(out)
+}
+
+/// Whether a candidate scored `x` ranks at or above a target scored `target`.
+/// Ties count against the target, and so does every NaN (in the candidate or
+/// the target): a `>=` would be false for NaN and rank a diverged model first.
+fn counts_against(x: f32, target: f32) -> bool {
+    x >= target || x.is_nan() || target.is_nan()
 }
 
 /// Sums HR/NDCG per group locally, all-reduces, and averages.
@@ -171,6 +180,16 @@ pub fn aggregate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ties_and_nan_count_against_the_target() {
+        assert!(counts_against(1.0, 1.0));
+        assert!(counts_against(2.0, 1.0));
+        assert!(!counts_against(0.5, 1.0));
+        assert!(counts_against(f32::NAN, 1.0));
+        assert!(counts_against(0.5, f32::NAN));
+        assert!(counts_against(f32::NAN, f32::NAN));
+    }
 
     #[test]
     fn hand_computed_metrics() -> Result<()> {

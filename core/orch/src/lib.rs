@@ -22,5 +22,6 @@ pub mod preflight;
 pub mod progress;
 pub mod recommend;
 pub mod report;
+pub mod run_dir;
 pub mod sweep;
 pub mod train;

@@ -28,6 +28,25 @@ fn keep_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn keep_freed_memory() {}
 
+/// Rust ignores SIGPIPE, so `llm-esr-orch plugins | head` would panic on the
+/// closed pipe. Commands that print for a reader end quietly instead, like
+/// other Unix tools. Training keeps the default (MPI's sockets are its own).
+#[cfg(unix)]
+fn quiet_on_closed_pipe() {
+    extern "C" {
+        fn signal(signum: std::ffi::c_int, handler: usize) -> usize;
+    }
+    const SIGPIPE: std::ffi::c_int = 13;
+    const SIG_DFL: usize = 0;
+    // SAFETY: restores the default disposition before any thread starts.
+    unsafe {
+        signal(SIGPIPE, SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn quiet_on_closed_pipe() {}
+
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
@@ -39,6 +58,9 @@ fn main() -> ExitCode {
         cli.command,
         Command::Train { .. } | Command::Bench { .. } | Command::Sweep { .. }
     );
+    if !training {
+        quiet_on_closed_pipe();
+    }
     if training && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }

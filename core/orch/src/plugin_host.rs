@@ -1,15 +1,35 @@
 //! Finding, checking and loading plugins.
 //!
-//! A plugin is a shared library named `libllm_esr_plugin_<crate>.so` that
-//! exports a [`PluginDeclaration`]. Before anything of Rust's ABI is trusted the
-//! host compares the declaration's ABI version, compiler and runtime fingerprint
-//! with its own; a mismatch is refused with the reason and the fix (rebuild the
-//! workspace). Libraries are opened with immediate binding (an outdated plugin
-//! fails to load instead of crashing later), are never unloaded, and every call
-//! into a plugin runs under `catch_unwind`, so a panic becomes an error.
+//! A plugin called `<name>` lives in a shared library named
+//! `libllm_esr_plugin_<name with - as _>.so` (`.dylib` on macOS) that exports a
+//! [`PluginDeclaration`]. Loading a plugin by name opens only the files of that
+//! name on the search path, never the other plugin files. Opening a library runs
+//! its constructors, so:
+//!
+//! - [`discover`] only lists files; nothing is opened;
+//! - [`probe`] opens one file in a child process (this binary re-executed with
+//!   the hidden subcommand [`INSPECT_COMMAND`], see [`inspector_main`]), which
+//!   reads the declaration, checks it and calls the plugin's `create`; a crash
+//!   there (a signal) becomes a refusal of that plugin instead of the end of
+//!   this process. [`load`] probes first when [`probe_with`] was called (the
+//!   command-line binary does);
+//! - in this process the declaration's ABI version is read before any other
+//!   field ([`DeclarationInfo::read`]), then the compiler and the runtime
+//!   fingerprint are compared with the host's; a mismatch is refused with the
+//!   reason and the fix. Only then is `create` called.
+//!
+//! Libraries are opened with immediate binding (an outdated plugin fails to load
+//! instead of crashing later), at most once per process, and are never
+//! unloaded; every call into a plugin runs under `catch_unwind`, so a panic
+//! becomes an error.
 
+use std::env::consts::{DLL_PREFIX, DLL_SUFFIX};
+use std::io::{Read, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use llm_esr_runtime::abi::{DeclarationInfo, DECLARATION_SYMBOL};
@@ -25,14 +45,72 @@ const FIX: &str = "rebuild the workspace (`cargo build --release --workspace`) s
 /// Environment variable with extra plugin directories (`:`-separated).
 pub const PLUGIN_PATH_ENV: &str = "LLM_ESR_PLUGIN_PATH";
 
+/// The hidden subcommand of `llm-esr-orch` that inspects one plugin file in a
+/// child process: `llm-esr-orch __inspect-plugin PATH` (see [`inspector_main`]).
+pub const INSPECT_COMMAND: &str = "__inspect-plugin";
+
+/// How long a child inspecting one plugin may take before it is killed.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Every plugin file name starts with this after the platform's `lib`.
+const FILE_STEM: &str = "llm_esr_plugin_";
+
 /// One shared library found on the plugin path.
 #[derive(Debug, Clone)]
 pub struct Found {
     pub path: PathBuf,
+    /// The plugin's name as its file name gives it (`_` shown as `-`), or the
+    /// declared name once inspected.
+    pub name: String,
+    /// Whether the file was opened (in this process or a child) and checked.
+    pub inspected: bool,
     /// The declaration, when it could be read.
     pub info: Option<DeclarationInfo>,
     /// Why it cannot be used, if it cannot.
     pub refused: Option<String>,
+}
+
+impl Found {
+    fn new(path: &Path) -> Found {
+        let name = name_from_file(path).unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        Found {
+            path: path.to_path_buf(),
+            name,
+            inspected: false,
+            info: None,
+            refused: None,
+        }
+    }
+
+    fn refuse(mut self, why: impl Into<String>) -> Found {
+        self.inspected = true;
+        self.refused = Some(why.into());
+        self
+    }
+}
+
+/// The file that holds the plugin `name`: `cross-attention` ->
+/// `libllm_esr_plugin_cross_attention.so`.
+pub fn file_name(name: &str) -> String {
+    format!(
+        "{DLL_PREFIX}{FILE_STEM}{}{DLL_SUFFIX}",
+        name.replace('-', "_")
+    )
+}
+
+/// The plugin name a file name stands for (`_` read as `-`), or `None` when the
+/// file is not named like a plugin.
+pub fn name_from_file(path: &Path) -> Option<String> {
+    let file = path.file_name()?.to_str()?;
+    let stem = file
+        .strip_prefix(DLL_PREFIX)?
+        .strip_prefix(FILE_STEM)?
+        .strip_suffix(DLL_SUFFIX)?;
+    (!stem.is_empty()).then(|| stem.replace('_', "-"))
 }
 
 /// The directories searched, in order: configured, then `LLM_ESR_PLUGIN_PATH`,
@@ -67,12 +145,8 @@ pub fn search_dirs(configured: &[PathBuf]) -> Vec<PathBuf> {
     dirs
 }
 
-fn is_plugin_file(path: &Path) -> bool {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    name.starts_with("libllm_esr_plugin_") && (name.ends_with(".so") || name.ends_with(".dylib"))
-}
-
-/// Every plugin file on the search path, checked.
+/// Every plugin file on the search path, in search order, **not opened**: the
+/// names come from the file names ([`Found::inspected`] is false).
 pub fn discover(dirs: &[PathBuf]) -> Vec<Found> {
     let mut found = Vec::new();
     for dir in dirs {
@@ -81,34 +155,84 @@ pub fn discover(dirs: &[PathBuf]) -> Vec<Found> {
         };
         let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
         paths.sort();
-        for path in paths.into_iter().filter(|p| is_plugin_file(p)) {
-            found.push(inspect(&path));
+        for path in paths {
+            if path.is_file() && name_from_file(&path).is_some() {
+                found.push(Found::new(&path));
+            }
         }
     }
     found
 }
 
-/// Opens a library and reads its declaration without calling into it.
-pub fn inspect(path: &Path) -> Found {
-    match open_declaration(path) {
-        Ok(decl) => {
-            let info = unsafe { decl.info() };
-            let refused = info.incompatibility().map(|why| format!("{why}; {FIX}"));
-            Found {
-                path: path.to_path_buf(),
-                info: Some(info),
-                refused,
-            }
-        }
-        Err(e) => Found {
-            path: path.to_path_buf(),
-            info: None,
-            refused: Some(format!("{e:#}")),
-        },
-    }
+/// The files on the search path that can hold the plugin `name`, in search order.
+pub fn candidates(dirs: &[PathBuf], name: &str) -> Vec<PathBuf> {
+    let file = file_name(name);
+    dirs.iter()
+        .map(|d| d.join(&file))
+        .filter(|p| p.is_file())
+        .collect()
 }
 
-fn open_declaration(path: &Path) -> Result<&'static PluginDeclaration> {
+/// Opens a library **in this process** (running its constructors) and reads
+/// its declaration, ABI version first, without calling into the plugin.
+pub fn inspect(path: &Path) -> Found {
+    open_checked(path).0
+}
+
+/// Opens `path` here and checks its declaration; the declaration comes back
+/// only when the plugin passed every check.
+fn open_checked(path: &Path) -> (Found, Option<&'static PluginDeclaration>) {
+    let found = Found::new(path);
+    let decl = match open_declaration(path) {
+        Ok(decl) => decl,
+        Err(e) => return (found.refuse(format!("{e:#}")), None),
+    };
+    // SAFETY: `decl` is the address of the exported declaration symbol. Only
+    // its first u32 is read unless that is our ABI version, in which case the
+    // plugin was built from this very struct definition.
+    let info = match unsafe { DeclarationInfo::read(decl) } {
+        Ok(info) => info,
+        Err(version) => return (found.refuse(DeclarationInfo::foreign_abi(version)), None),
+    };
+    let mut found = Found {
+        name: info.name.clone(),
+        inspected: true,
+        info: Some(info.clone()),
+        ..found
+    };
+    if let Some(why) = info.incompatibility() {
+        found.refused = Some(format!("{why}; {FIX}"));
+        return (found, None);
+    }
+    if let Some(why) = name_mismatch(path, &info.name) {
+        found.refused = Some(why);
+        return (found, None);
+    }
+    // SAFETY: every check passed: same ABI, compiler and runtime, so the
+    // symbol is a `PluginDeclaration` of this very layout, a static that lives
+    // as long as the (never unloaded) library.
+    (found, Some(unsafe { &*decl }))
+}
+
+/// A plugin's declared name must be the one its file name stands for. Files
+/// not named like plugins (test fixtures loaded by path) are not checked.
+fn name_mismatch(path: &Path, declared: &str) -> Option<String> {
+    let file = path.file_name()?.to_str()?;
+    name_from_file(path)?;
+    let expected = file_name(declared);
+    (file != expected).then(|| {
+        format!(
+            "declares the name `{declared}`, whose file is `{expected}`, but the file is `{file}`; a plugin's file name must be its name with `-` as `_`: rename the file or the plugin"
+        )
+    })
+}
+
+/// Opens the library (immediate binding, never unloaded) and returns the
+/// address of its declaration symbol, without reading it.
+fn open_declaration(path: &Path) -> Result<*const PluginDeclaration> {
+    // SAFETY (both branches): opening a library runs its constructors; that is
+    // the risk this module keeps to the one requested file, or to a child
+    // process ([`probe`]).
     #[cfg(unix)]
     let lib: libloading::Library = unsafe {
         libloading::os::unix::Library::open(
@@ -124,6 +248,8 @@ fn open_declaration(path: &Path) -> Result<&'static PluginDeclaration> {
     // Plugins are never unloaded: trait objects and code they hand out live as
     // long as the process.
     let lib: &'static libloading::Library = Box::leak(Box::new(lib));
+    // SAFETY: `get::<*const T>` of a static yields the static's address; the
+    // type is not trusted until `DeclarationInfo::read` has checked the ABI.
     let symbol =
         unsafe { lib.get::<*const PluginDeclaration>(DECLARATION_SYMBOL) }.map_err(|_| {
             anyhow!("not an llm-esr-orch plugin: no `llm_esr_plugin_declaration` symbol")
@@ -132,8 +258,7 @@ fn open_declaration(path: &Path) -> Result<&'static PluginDeclaration> {
     if ptr.is_null() {
         bail!("the plugin declaration is a null pointer");
     }
-    // `get::<*const T>` of a static yields the static's address.
-    Ok(unsafe { &*ptr })
+    Ok(ptr)
 }
 
 /// libloading's message plus the loader's own (`dlerror`), which names the
@@ -143,6 +268,325 @@ fn describe(e: &libloading::Error) -> String {
         Some(src) => format!("{e}: {src}"),
         None => e.to_string(),
     }
+}
+
+/// Calls a checked plugin's factory (panics caught) and checks the kind it
+/// provides against the declared one.
+fn create_checked(
+    path: &Path,
+    info: &DeclarationInfo,
+    decl: &'static PluginDeclaration,
+) -> Result<Plugin> {
+    let create = decl.create;
+    let plugin = guarded(&info.name, || Ok(create())).map_err(|e| anyhow!("{e}"))?;
+    if plugin.kind().as_str() != info.kind {
+        bail!(
+            "plugin {} declares kind `{}` but provides a {}",
+            path.display(),
+            info.kind,
+            plugin.kind().as_str()
+        );
+    }
+    Ok(plugin)
+}
+
+/// Loads the plugin at `path` in this process (no child probe), checks it, and
+/// calls its factory.
+pub fn load_path(path: &Path) -> Result<(DeclarationInfo, Plugin)> {
+    let (found, decl) = open_checked(path);
+    let (Some(info), Some(decl)) = (found.info, decl) else {
+        let why = found.refused.unwrap_or_default();
+        bail!("plugin {} refused: {why}", path.display());
+    };
+    let plugin = create_checked(path, &info, decl)?;
+    Ok((info, plugin))
+}
+
+/// The executable that [`load`] re-executes to probe a plugin, when set.
+static INSPECTOR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Libraries already opened and checked in this process, by path.
+static OPENED: Mutex<Vec<(PathBuf, DeclarationInfo, &'static PluginDeclaration)>> =
+    Mutex::new(Vec::new());
+
+/// Makes [`load`] probe each plugin file in a child process `exe
+/// __inspect-plugin PATH` before opening it here, so that a crash in its
+/// library constructors or its `create` is reported as that plugin's failure.
+/// `exe` must dispatch [`INSPECT_COMMAND`] to [`inspector_main`], as
+/// `llm-esr-orch` does. The first call wins.
+pub fn probe_with(exe: PathBuf) {
+    let _ = INSPECTOR.set(exe);
+}
+
+/// Finds the plugin of `kind` called `name` on the search path and loads it.
+///
+/// Only files named [`file_name`]`(name)` are considered, in search order; the
+/// first that passes every check (and the probe, when enabled) is used. Each
+/// is opened at most once per process.
+pub fn load(dirs: &[PathBuf], kind: PluginKind, name: &str) -> Result<Plugin> {
+    let mut refusals = Vec::new();
+    for path in candidates(dirs, name) {
+        let key = path.canonicalize().unwrap_or_else(|_| path.clone());
+        let cached = OPENED
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(p, _, _)| *p == key)
+            .map(|(_, info, decl)| (info.clone(), *decl));
+        let (info, decl) = match cached {
+            Some(hit) => hit,
+            None => {
+                if let Some(exe) = INSPECTOR.get() {
+                    let probed = probe(exe, &path);
+                    if let Some(why) = probed.refused {
+                        refusals.push(format!("{}: {why}", path.display()));
+                        continue;
+                    }
+                }
+                let (found, decl) = open_checked(&path);
+                let (Some(info), Some(decl)) = (found.info, decl) else {
+                    let why = found.refused.unwrap_or_default();
+                    refusals.push(format!("{}: {why}", path.display()));
+                    continue;
+                };
+                OPENED
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((key, info.clone(), decl));
+                (info, decl)
+            }
+        };
+        if info.name != name {
+            refusals.push(format!(
+                "{}: the plugin is called `{}`, not `{name}`; use that name",
+                path.display(),
+                info.name
+            ));
+            continue;
+        }
+        if info.kind != kind.as_str() {
+            refusals.push(format!(
+                "{}: `{name}` is a {} plugin, not a {}",
+                path.display(),
+                info.kind,
+                kind.as_str()
+            ));
+            continue;
+        }
+        return create_checked(&path, &info, decl);
+    }
+    if !refusals.is_empty() {
+        bail!(
+            "{} plugin `{name}` was found but refused:\n  {}",
+            kind.as_str(),
+            refusals.join("\n  ")
+        );
+    }
+    let mut available: Vec<String> = discover(dirs).into_iter().map(|f| f.name).collect();
+    available.sort();
+    available.dedup();
+    // A name no plugin file has is an error of the configuration (exit 2).
+    Err(crate::config::config_error(format!(
+        "no {} plugin named `{name}`: no file {} in {} (plugin files there: {}). Build it with `cargo build --release --workspace`, or add its directory to `plugins.paths` or {PLUGIN_PATH_ENV}",
+        kind.as_str(),
+        file_name(name),
+        dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
+        if available.is_empty() { "none".to_string() } else { available.join(", ") },
+    )))
+}
+
+/// Inspects one plugin file in a child process: `exe __inspect-plugin PATH`
+/// opens it, checks its declaration and calls its `create`. A child that dies
+/// by a signal (a crash in the library's constructors or in `create`), fails
+/// otherwise or takes longer than a minute gives a refusal; this process never
+/// opens the file. See [`inspector_main`] for the child's side.
+pub fn probe(exe: &Path, path: &Path) -> Found {
+    let found = Found::new(path);
+    let child = Command::new(exe)
+        .arg(INSPECT_COMMAND)
+        .arg(path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            return found.refuse(format!(
+                "cannot start the plugin inspector {}: {e}",
+                exe.display()
+            ))
+        }
+    };
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Ok(status),
+            Ok(None) if started.elapsed() > PROBE_TIMEOUT => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Err(format!(
+                    "did not finish loading within {} s (killed)",
+                    PROBE_TIMEOUT.as_secs()
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) => break Err(format!("cannot wait for the plugin inspector: {e}")),
+        }
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    let status = match status {
+        Ok(s) => s,
+        Err(why) => return found.refuse(why),
+    };
+    read_report(found, &stdout, &stderr, status)
+}
+
+/// The parent's reading of a child inspector: its JSON lines, then its fate.
+fn read_report(mut found: Found, stdout: &str, stderr: &str, status: ExitStatus) -> Found {
+    // The first line comes once the declaration was read and checked; the
+    // second, if any, once `create` returned.
+    let mut declared = false;
+    let mut created = false;
+    for line in stdout.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let Some(d) = v.get("declaration") {
+            declared = true;
+            found.info = info_from_json(d);
+            if let Some(info) = &found.info {
+                found.name = info.name.clone();
+            }
+        }
+        if v.get("created").is_some() {
+            created = true;
+        }
+        if let Some(why) = v.get("refused").and_then(|r| r.as_str()) {
+            found.refused = Some(why.to_string());
+        }
+    }
+    found.inspected = true;
+    if status.success() {
+        if !declared && found.refused.is_none() {
+            found.refused = Some(format!(
+                "the plugin inspector printed no declaration: {}",
+                stderr.trim()
+            ));
+        }
+        return found;
+    }
+    let stage = if !declared {
+        "while loading"
+    } else if found.refused.is_none() && !created {
+        "in its `create()`"
+    } else {
+        "while unloading"
+    };
+    let why = match signal_of(status) {
+        Some(sig) => format!("crashed {stage} ({})", describe_signal(sig)),
+        None => {
+            let last = stderr.trim().lines().last().unwrap_or("");
+            let sep = if last.is_empty() { "" } else { ": " };
+            format!("the plugin inspector failed ({status}) {stage}{sep}{last}")
+        }
+    };
+    found.refused = Some(why);
+    found
+}
+
+fn info_from_json(d: &serde_json::Value) -> Option<DeclarationInfo> {
+    let s = |k: &str| d.get(k)?.as_str().map(str::to_string);
+    Some(DeclarationInfo {
+        abi_version: d.get("abi_version")?.as_u64()? as u32,
+        rustc_version: s("rustc_version")?,
+        fingerprint: s("fingerprint")?,
+        kind: s("kind")?,
+        name: s("name")?,
+        version: s("version")?,
+    })
+}
+
+fn info_to_json(i: &DeclarationInfo) -> serde_json::Value {
+    serde_json::json!({
+        "abi_version": i.abi_version,
+        "rustc_version": i.rustc_version,
+        "fingerprint": i.fingerprint,
+        "kind": i.kind,
+        "name": i.name,
+        "version": i.version,
+    })
+}
+
+#[cfg(unix)]
+fn signal_of(status: ExitStatus) -> Option<i32> {
+    std::os::unix::process::ExitStatusExt::signal(&status)
+}
+
+#[cfg(not(unix))]
+fn signal_of(_status: ExitStatus) -> Option<i32> {
+    None
+}
+
+/// `signal 11, SIGSEGV`.
+fn describe_signal(sig: i32) -> String {
+    #[cfg(target_os = "linux")]
+    const BUS: i32 = 7;
+    #[cfg(not(target_os = "linux"))]
+    const BUS: i32 = 10;
+    let name = match sig {
+        4 => "SIGILL",
+        5 => "SIGTRAP",
+        6 => "SIGABRT",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        15 => "SIGTERM",
+        s if s == BUS => "SIGBUS",
+        _ => return format!("signal {sig}"),
+    };
+    format!("signal {sig}, {name}")
+}
+
+/// The child's side of [`probe`] (`llm-esr-orch __inspect-plugin PATH`): opens
+/// the file here, prints one JSON line `{"path", "declaration", "refused"}`
+/// (`declaration` null when it could not be read), and, when the plugin passed
+/// every check, calls its `create` and prints `{"created": kind}` or
+/// `{"refused": why}`. Each line is flushed before the next step, so that the
+/// parent can tell where a crash happened.
+pub fn inspector_main(path: &Path) -> Result<()> {
+    let (found, decl) = open_checked(path);
+    let mut out = std::io::stdout().lock();
+    let line = serde_json::json!({
+        "path": path.display().to_string(),
+        "declaration": found.info.as_ref().map(info_to_json),
+        "refused": found.refused,
+    });
+    writeln!(out, "{line}")?;
+    out.flush()?;
+    if let (Some(info), Some(decl)) = (&found.info, decl) {
+        // A panic is caught (and becomes the refusal); its message goes to
+        // stderr, which the parent keeps to itself.
+        let line = match create_checked(path, info, decl) {
+            Ok(plugin) => serde_json::json!({ "created": plugin.kind().as_str() }),
+            Err(e) => serde_json::json!({ "refused": format!("{e:#}") }),
+        };
+        writeln!(out, "{line}")?;
+        out.flush()?;
+    }
+    Ok(())
 }
 
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
@@ -198,62 +642,6 @@ fn build_guarded<T>(plugin: &str, f: impl FnOnce() -> candle::Result<T>) -> Resu
             panic_message(payload)
         )),
     }
-}
-
-/// Loads the plugin at `path`, checks it, and calls its factory.
-pub fn load_path(path: &Path) -> Result<(DeclarationInfo, Plugin)> {
-    let decl = open_declaration(path).map_err(|e| anyhow!("plugin {}: {e:#}", path.display()))?;
-    let info = unsafe { decl.info() };
-    if let Some(why) = info.incompatibility() {
-        bail!("plugin {} refused: {why}; {FIX}", path.display());
-    }
-    let create = decl.create;
-    let plugin = guarded(&info.name, || Ok(create())).map_err(|e| anyhow!("{e}"))?;
-    if plugin.kind().as_str() != info.kind {
-        bail!(
-            "plugin {} declares kind `{}` but provides a {}",
-            path.display(),
-            info.kind,
-            plugin.kind().as_str()
-        );
-    }
-    Ok((info, plugin))
-}
-
-/// Finds the plugin of `kind` called `name` on the search path and loads it.
-pub fn load(dirs: &[PathBuf], kind: PluginKind, name: &str) -> Result<Plugin> {
-    let found = discover(dirs);
-    let mut refusals = Vec::new();
-    for f in &found {
-        let Some(info) = &f.info else { continue };
-        if info.name != name || info.kind != kind.as_str() {
-            continue;
-        }
-        if let Some(why) = &f.refused {
-            refusals.push(format!("{}: {why}", f.path.display()));
-            continue;
-        }
-        return Ok(load_path(&f.path)?.1);
-    }
-    if !refusals.is_empty() {
-        bail!(
-            "{} plugin `{name}` was found but refused:\n  {}",
-            kind.as_str(),
-            refusals.join("\n  ")
-        );
-    }
-    let available: Vec<String> = found
-        .iter()
-        .filter_map(|f| f.info.as_ref())
-        .filter(|i| i.kind == kind.as_str())
-        .map(|i| i.name.clone())
-        .collect();
-    Err(crate::config::config_error(format!(
-        "no {} plugin named `{name}` (available: {}); searched {}. Build it with `cargo build --release --workspace`, or add its directory to `plugins.paths` or {PLUGIN_PATH_ENV}",
-        kind.as_str(),
-        if available.is_empty() { "none".to_string() } else { available.join(", ") },
-        dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
-    )))
 }
 
 /// A backbone whose calls are protected against panics.

@@ -178,7 +178,11 @@ pub fn run(
         } else {
             let resume = dir.join(train::CHECKPOINT).exists();
             info!(run = %cfg.name, resume, "{}/{}", i + 1, configs.len());
-            train::train(cfg, &TrainOptions { resume }, comm)?
+            let opts = TrainOptions {
+                resume,
+                force_config: false,
+            };
+            train::train(cfg, &opts, comm)?
         };
         results.push((cfg.name.clone(), value));
     }

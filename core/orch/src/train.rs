@@ -17,7 +17,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::checkpoint::{self, TrainState};
-use crate::config::{Config, StudentPass};
+use crate::config::{config_error, Config, NanPolicy, StudentPass};
 use crate::data::{
     cloze_batch, next_item_batch, training_samples, Dataset, Padded, Split, Targets,
 };
@@ -26,18 +26,30 @@ use crate::files::{append_line, write_atomic, write_json};
 use crate::model::{bce_loss, last_position, Recommender, Tables};
 use crate::optim::{assign_values, flatten_grads, flatten_values, Adam};
 use crate::progress::Progress;
-
-pub const CHECKPOINT: &str = "checkpoint.safetensors";
-pub const BEST: &str = "best.safetensors";
-pub const RESULTS: &str = "results.json";
-pub const METRICS: &str = "metrics.jsonl";
-pub const RESOLVED: &str = "config.resolved.yaml";
+use crate::run_dir::RunDir;
+pub use crate::run_dir::{BEST, CHECKPOINT, METRICS, RESOLVED, RESULTS};
 
 /// Teacher sequences encoded per forward pass in self-distillation.
 const TEACHER_CHUNK: usize = 256;
 
 pub struct TrainOptions {
     pub resume: bool,
+    /// Resume even though the config differs from the saved one.
+    pub force_config: bool,
+}
+
+/// Where training starts: fresh, or from a checkpoint.
+struct Start {
+    adam: Adam,
+    state: TrainState,
+}
+
+/// What one training step did.
+enum StepOutcome {
+    /// The update was applied; the global batch loss.
+    Applied(f64),
+    /// The loss or a gradient was not finite (described); nothing was applied.
+    NonFinite(String),
 }
 
 pub fn parse_device(spec: &str, local_rank: usize) -> Result<Device> {
@@ -80,14 +92,37 @@ pub fn train(
     if cfg.model.variant != crate::config::Variant::Plain {
         cfg.artifacts_dir()?;
     }
+    // The config against the dataset, the artifacts and memory.
     crate::preflight::check(cfg)?;
-    let run_dir = cfg.run_dir()?;
-    prepare_run_dir(&run_dir, opts.resume, rank0)?;
+    // Every check comes before the first write: a refused command leaves the
+    // run directory as it was.
+    let mut run_dir = RunDir::lock(&cfg.run_dir()?, rank0)?;
+    run_dir.check_start(opts.resume)?;
+    let changes = if opts.resume {
+        run_dir.check_resume_config(cfg, opts.force_config)?
+    } else {
+        vec![]
+    };
+    let run = Run::new(cfg, comm)?;
+    let start = run.start(opts.resume.then(|| run_dir.file(CHECKPOINT)).as_deref())?;
     comm.barrier()?;
     if rank0 {
-        write_atomic(&run_dir.join(RESOLVED), cfg.to_yaml()?.as_bytes())?;
+        run_dir.begin_writing();
+        if opts.resume {
+            run_dir.trim_metrics(start.state.epoch)?;
+        } else {
+            run_dir.clear_dead_run()?;
+        }
+        run_dir.write_holder()?;
+        if !changes.is_empty() {
+            warn!("resuming with changed settings: {}", changes.join("; "));
+        }
+        if !opts.resume || !changes.is_empty() {
+            write_atomic(&run_dir.file(RESOLVED), cfg.to_yaml()?.as_bytes())?;
+        }
     }
-    Run::new(cfg, comm)?.fit(opts)
+    comm.barrier()?;
+    run.fit(start)
 }
 
 /// Times `steps` training steps (forward, backward, all-reduce, update) after
@@ -100,14 +135,7 @@ pub fn bench(
     steps: usize,
 ) -> Result<serde_json::Value> {
     let run = Run::new(cfg, comm)?;
-    let n: usize = run.plain_vars.iter().map(|v| v.elem_count()).sum();
-    let mut adam = Adam::new(
-        n,
-        cfg.train.lr,
-        cfg.train.adam_betas,
-        cfg.train.adam_eps,
-        cfg.train.weight_decay,
-    );
+    let mut adam = run.start(None)?.adam;
     let mut samples = training_samples(&run.ds, run.model.objective());
     Rng::derive(cfg.seed, 0).shuffle(&mut samples);
     let mut times = Vec::with_capacity(steps);
@@ -124,6 +152,7 @@ pub fn bench(
             .step_by(comm.size())
             .collect();
         let t0 = Instant::now();
+        // A non-finite step applies nothing; its time still counts.
         run.train_step(&shard, 0, step as u64, &mut adam)?;
         if step >= warmup {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
@@ -151,6 +180,14 @@ impl<'a> Run<'a> {
     fn new(cfg: &'a Config, comm: &'a dyn Communicator) -> Result<Run<'a>> {
         let device = parse_device(&cfg.train.device, comm.local_rank())?;
         let ds = Dataset::load(&cfg.data_dir()?)?;
+        if ds.eval_users().is_empty() {
+            return Err(config_error(format!(
+                "config key `data.dir`: no user of {} has the 3 interactions that leave-one-out \
+                 evaluation needs (training items, a validation and a test target): nothing \
+                 could be evaluated",
+                ds.dir.display()
+            )));
+        }
         info!(
             users = ds.num_users,
             items = ds.num_items,
@@ -192,31 +229,11 @@ impl<'a> Run<'a> {
     }
 }
 
-fn prepare_run_dir(dir: &Path, resume: bool, rank0: bool) -> Result<()> {
-    let has_run = dir.join(CHECKPOINT).exists() || dir.join(RESULTS).exists();
-    if resume && !dir.join(CHECKPOINT).exists() {
-        bail!(
-            "--resume: {} holds no checkpoint to resume from",
-            dir.display()
-        );
-    }
-    if !resume && has_run {
-        bail!(
-            "{} already holds a run: use --resume to continue it, or set another `name` / `output_dir` (nothing was overwritten)",
-            dir.display()
-        );
-    }
-    if rank0 {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create run directory {}", dir.display()))?;
-    }
-    Ok(())
-}
-
 impl Run<'_> {
-    fn fit(&self, opts: &TrainOptions) -> Result<serde_json::Value> {
+    /// Fresh optimizer and state, or both (and the parameters) from the
+    /// checkpoint at `resume`. Writes nothing.
+    fn start(&self, resume: Option<&Path>) -> Result<Start> {
         let cfg = self.cfg;
-        let rank0 = self.comm.rank() == 0;
         let n_params: usize = self.plain_vars.iter().map(|v| v.elem_count()).sum();
         let mut adam = Adam::new(
             n_params,
@@ -233,10 +250,10 @@ impl Run<'_> {
             bad_epochs: 0,
             layout: checkpoint::layout(&self.vars),
             world_size: self.comm.size(),
+            skipped_steps: 0,
         };
-        let ckpt = self.run_dir.join(CHECKPOINT);
-        if opts.resume {
-            let (m, v, s) = checkpoint::load(&ckpt, &self.vars)?;
+        if let Some(ckpt) = resume {
+            let (m, v, s) = checkpoint::load(ckpt, &self.vars)?;
             adam.m = m;
             adam.v = v;
             adam.step = s.step;
@@ -248,6 +265,17 @@ impl Run<'_> {
                 ckpt.display()
             );
         }
+        Ok(Start { adam, state })
+    }
+
+    fn fit(&self, start: Start) -> Result<serde_json::Value> {
+        let cfg = self.cfg;
+        let rank0 = self.comm.rank() == 0;
+        let Start {
+            mut adam,
+            mut state,
+        } = start;
+        let ckpt = self.run_dir.join(CHECKPOINT);
         // Identical parameters everywhere: rank 0's.
         let mut flat = flatten_values(&self.plain_vars)?;
         self.comm.broadcast(&mut flat, 0)?;
@@ -259,8 +287,9 @@ impl Run<'_> {
         while state.epoch < cfg.train.epochs {
             let epoch = state.epoch;
             let t0 = Instant::now();
-            let loss =
+            let (loss, skipped) =
                 self.train_epoch(epoch, &samples, steps_per_epoch, &mut adam, &mut state.step)?;
+            state.skipped_steps += skipped;
             let train_seconds = t0.elapsed().as_secs_f64();
             self.check_replicas()?;
             let valid = self.evaluate(Split::Valid)?;
@@ -289,6 +318,7 @@ impl Run<'_> {
                 let line = json!({
                     "epoch": state.epoch,
                     "loss": loss,
+                    "skipped_steps": skipped,
                     "valid": valid,
                     "seconds": t0.elapsed().as_secs_f64(),
                     "train_seconds": train_seconds,
@@ -314,7 +344,9 @@ impl Run<'_> {
         self.finish(&state, started.elapsed().as_secs_f64())
     }
 
-    /// One pass over the shuffled users; returns the mean training loss.
+    /// One pass over the shuffled users; returns the mean training loss of
+    /// the applied steps and the number of skipped ones. A non-finite step
+    /// stops the run (`train.nan_policy: error`) or is skipped (`skip_step`).
     fn train_epoch(
         &self,
         epoch: usize,
@@ -322,7 +354,7 @@ impl Run<'_> {
         steps: usize,
         adam: &mut Adam,
         step: &mut u64,
-    ) -> Result<f64> {
+    ) -> Result<(f64, u64)> {
         let cfg = self.cfg;
         let mut order = samples.to_vec();
         Rng::derive(cfg.seed, epoch as u64).shuffle(&mut order);
@@ -333,24 +365,80 @@ impl Run<'_> {
         );
         let mut loss_sum = 0f64;
         let mut batches = 0usize;
-        for batch in order.chunks(cfg.train.batch_size) {
+        let mut skipped = 0u64;
+        let mut last_problem = String::new();
+        for (k, batch) in order.chunks(cfg.train.batch_size).enumerate() {
             let shard: Vec<(u32, bool)> = batch
                 .iter()
                 .copied()
                 .skip(self.comm.rank())
                 .step_by(self.comm.size())
                 .collect();
-            let loss = self.train_step(&shard, epoch, *step, adam)?;
-            loss_sum += loss;
-            batches += 1;
+            match self.train_step(&shard, epoch, *step, adam)? {
+                StepOutcome::Applied(loss) => {
+                    loss_sum += loss;
+                    batches += 1;
+                    progress.inc(loss);
+                }
+                StepOutcome::NonFinite(problem) => {
+                    let at = format!(
+                        "epoch {}, step {} of {steps} (global step {})",
+                        epoch + 1,
+                        k + 1,
+                        *step + 1
+                    );
+                    if cfg.train.nan_policy == NanPolicy::Error {
+                        bail!(
+                            "training diverged at {at}: {problem}. Nothing of this epoch was \
+                             saved and no results.json was written; lower `train.lr` (now {}), \
+                             check the inputs, or set `train.nan_policy: skip_step` to skip such \
+                             steps",
+                            cfg.train.lr
+                        );
+                    }
+                    warn!("skipping the update of {at}: {problem}");
+                    skipped += 1;
+                    last_problem = problem;
+                    progress.inc(f64::NAN);
+                }
+            }
             *step += 1;
-            progress.inc(loss);
             if cfg.train.max_steps > 0 && *step >= cfg.train.max_steps as u64 {
                 break;
             }
         }
         progress.finish();
-        Ok(loss_sum / batches.max(1) as f64)
+        if batches == 0 && skipped > 0 {
+            bail!(
+                "training diverged: every step of epoch {} was skipped ({skipped} steps; the last: \
+                 {last_problem}); the parameters cannot recover, lower `train.lr` (now {}) or \
+                 check the inputs",
+                epoch + 1,
+                cfg.train.lr
+            );
+        }
+        Ok((loss_sum / batches.max(1) as f64, skipped))
+    }
+
+    /// Describes the first non-finite value of a step's loss or reduced
+    /// gradient, naming the parameter; `None` when all are finite.
+    fn non_finite(&self, loss: f64, grad: &[f32]) -> Option<String> {
+        if !loss.is_finite() {
+            return Some(format!("the loss is {loss}"));
+        }
+        let i = grad.iter().position(|g| !g.is_finite())?;
+        let mut offset = 0;
+        for (name, var) in &self.vars {
+            if i < offset + var.elem_count() {
+                return Some(format!(
+                    "the gradient of parameter `{name}` is {} (entry {})",
+                    grad[i],
+                    i - offset
+                ));
+            }
+            offset += var.elem_count();
+        }
+        Some(format!("gradient entry {i} is {}", grad[i]))
     }
 
     /// Forward, backward, all-reduce, update. Returns the global batch loss.
@@ -364,7 +452,7 @@ impl Run<'_> {
         epoch: usize,
         step: u64,
         adam: &mut Adam,
-    ) -> Result<f64> {
+    ) -> Result<StepOutcome> {
         let cfg = self.cfg;
         let batch = (!shard.is_empty()).then(|| self.batch(shard, epoch));
         // Global numbers of targets and of samples.
@@ -420,8 +508,12 @@ impl Run<'_> {
         };
         self.comm.all_reduce_sum(&mut grad)?;
         self.comm.all_reduce_sum_f64(&mut loss_value)?;
+        // Every rank holds the same reduced values, so all decide alike.
+        if let Some(problem) = self.non_finite(loss_value[0], &grad) {
+            return Ok(StepOutcome::NonFinite(problem));
+        }
         adam.step(&self.plain_vars, &grad)?;
-        Ok(loss_value[0])
+        Ok(StepOutcome::Applied(loss_value[0]))
     }
 
     /// The padded inputs and targets of a shard for the backbone's objective.
@@ -554,6 +646,7 @@ impl Run<'_> {
             "name": self.cfg.name,
             "best_epoch": state.best_epoch,
             "epochs_run": state.epoch,
+            "skipped_steps": state.skipped_steps,
             "valid": valid,
             "test": test,
             "eval_mode": self.cfg.eval.mode,

@@ -317,6 +317,33 @@ fn load_tensor(path: &Path, name: &str, device: &Device) -> Result<Tensor> {
     Ok(t)
 }
 
+/// Fails unless `dir/file` has the sha256 that `embed` recorded for it: a
+/// file edited, replaced or truncated since is not used.
+fn verify_output(manifest: &Manifest, dir: &Path, file: &str) -> Result<()> {
+    let path = dir.join(file);
+    let rerun = "rerun `llm-esr-orch embed CONFIG` (with --force to recompute every stage)";
+    let Some(entry) = manifest.stages.values().find(|e| e.file == file) else {
+        bail!(
+            "{}: {} records no stage that wrote {file}; {rerun}",
+            path.display(),
+            dir.join(MANIFEST_FILE).display()
+        );
+    };
+    if !path.is_file() {
+        bail!("{} is missing; {rerun}", path.display());
+    }
+    let actual = sha256_file(&path)?;
+    if actual != entry.output_sha256 {
+        bail!(
+            "{} has changed since `embed` wrote it (sha256 {actual}, {} records {}); {rerun}",
+            path.display(),
+            dir.join(MANIFEST_FILE).display(),
+            entry.output_sha256
+        );
+    }
+    Ok(())
+}
+
 fn prepend_zero_row(t: &Tensor) -> Result<Tensor> {
     let (_, d) = t.dims2()?;
     let zero = Tensor::zeros((1, d), t.dtype(), t.device())?;
@@ -909,8 +936,23 @@ impl Artifacts {
             }
             Ok(())
         };
-        let p = dir.join(ITEM_EMB_FILE);
+        // Every file must be the one `embed` wrote (its sha256 in the
+        // manifest), and every float in it finite.
+        let verified = |file: &str| -> Result<PathBuf> {
+            let p = dir.join(file);
+            verify_output(&manifest, dir, file)?;
+            Ok(p)
+        };
+        let finite = |p: &Path, name: &str, t: &Tensor| {
+            crate::finite::ensure_finite(
+                t,
+                &format!("{}: tensor `{name}`", p.display()),
+                &format!("{rerun} --force"),
+            )
+        };
+        let p = verified(ITEM_EMB_FILE)?;
         let item_emb = load_tensor(&p, "item_emb", device)?;
+        finite(&p, "item_emb", &item_emb)?;
         check(
             &p,
             "item_emb",
@@ -921,21 +963,25 @@ impl Artifacts {
         )?;
         let p = dir.join(USER_EMB_FILE);
         let user_emb = if p.exists() {
+            let p = verified(USER_EMB_FILE)?;
             let u = load_tensor(&p, "user_emb", device)?;
             check(&p, "user_emb", &u, expected_users, None, DType::F32)?;
+            finite(&p, "user_emb", &u)?;
             Some(u)
         } else {
             None
         };
-        let p = dir.join(PCA_FILE);
+        let p = verified(PCA_FILE)?;
         let pca = load_tensor(&p, "pca", device)?;
         check(&p, "pca", &pca, expected_items + 1, None, DType::F32)?;
-        let p = dir.join(NEIGHBOURS_FILE);
+        finite(&p, "pca", &pca)?;
+        let p = verified(NEIGHBOURS_FILE)?;
         let neighbours = load_tensor(&p, "indices", &Device::Cpu)?;
         check(&p, "indices", &neighbours, expected_users, None, DType::U32)?;
         let k = neighbours.dims()[1];
         let scores = load_tensor(&p, "scores", device)?;
         check(&p, "scores", &scores, expected_users, Some(k), DType::F32)?;
+        finite(&p, "scores", &scores)?;
         let flat: Vec<u32> = neighbours.flatten_all()?.to_vec1()?;
         for (pos, &j) in flat.iter().enumerate() {
             let row = pos.checked_div(k).unwrap_or(0);

@@ -252,6 +252,11 @@ pub fn import_matrix(spec: &ImportSpec, allowed_rows: &[usize], what: &str) -> R
     if cols == 0 {
         bail!("{}: shape ({rows}, 0) has no columns", path.display());
     }
+    crate::finite::ensure_finite(
+        &t,
+        &path.display().to_string(),
+        "fix the export (every value must be a finite number) and import it again",
+    )?;
     Ok(t)
 }
 

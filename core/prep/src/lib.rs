@@ -17,12 +17,14 @@
 //! (head/tail groups), [`prompts`] (item and user prompts), [`encoder`] (the
 //! sentence encoder), [`import`] (external vectors), [`pca`], [`knn`],
 //! [`artifacts`] (the embed stage, the manifest and the loader); [`table`],
-//! [`fsutil`], [`memory`] and [`invalid`] are helpers (delimited files; atomic
-//! writes, hashes, progress; available memory; configuration errors).
+//! [`fsutil`], [`finite`], [`memory`] and [`invalid`] are helpers (delimited
+//! files; atomic writes, hashes, progress; NaN and infinity checks of loaded
+//! tensors; available memory; configuration errors).
 
 pub mod artifacts;
 pub mod dataset;
 pub mod encoder;
+pub mod finite;
 pub mod fsutil;
 pub mod import;
 pub mod invalid;

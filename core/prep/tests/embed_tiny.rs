@@ -143,7 +143,8 @@ fn embed_tiny_end_to_end() {
         .iter()
         .all(|st| st.status != StageStatus::UpToDate));
 
-    // A damaged artifact is detected by the next run and rebuilt.
+    // A damaged artifact is refused by the loader (its sha256 no longer
+    // matches the manifest), then detected by the next run and rebuilt.
     let p = out2.path().join("pca.safetensors");
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
@@ -152,7 +153,7 @@ fn embed_tiny_end_to_end() {
         Artifacts::load(out2.path(), n_items, n_users, &Device::Cpu).unwrap_err()
     );
     assert!(
-        e.contains("pca.safetensors") && e.contains("truncated or corrupt"),
+        e.contains("pca.safetensors has changed since `embed` wrote it") && e.contains("rerun"),
         "{e}"
     );
     let s6 = embed(&icfg, data.path(), out2.path(), false).unwrap();

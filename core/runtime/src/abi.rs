@@ -2,15 +2,19 @@
 //!
 //! A plugin is a `cdylib` that exports one static, [`PluginDeclaration`], under
 //! the symbol [`DECLARATION_SYMBOL`]. Its first fields are plain C data, so the
-//! host can read them from any build; only when the ABI version, the compiler and
-//! the runtime fingerprint all match does the host call `create`, which returns
-//! Rust trait objects (sound only because both sides share this very runtime).
+//! host can read them from any build of the same ABI version. The version, a
+//! `u32` at offset 0, is read first and alone ([`DeclarationInfo::read`]): a
+//! declaration of another layout is refused without following its other fields.
+//! Only when the ABI version, the compiler and the runtime fingerprint all match
+//! does the host call `create`, which returns Rust trait objects (sound only
+//! because both sides share this very runtime).
 
 use std::ffi::{c_char, CStr};
 
 use crate::{BackbonePlugin, FusionPlugin, RetrievalPlugin};
 
-/// Bumped whenever [`PluginDeclaration`]'s layout changes.
+/// Bumped whenever [`PluginDeclaration`]'s layout changes. Every layout must
+/// keep this version as a `u32` at offset 0.
 pub const ABI_VERSION: u32 = 1;
 
 /// Hash of this runtime's sources, lock file, compiler, flags, profile and features.
@@ -99,12 +103,27 @@ pub struct DeclarationInfo {
     pub version: String,
 }
 
-impl PluginDeclaration {
-    /// Reads the plain fields.
+impl DeclarationInfo {
+    /// Reads the plain fields of the declaration at `decl`, the ABI version
+    /// first: a declaration of another ABI version is refused without reading
+    /// anything else, since its other fields may not be pointers at all.
+    ///
+    /// Returns `Err(version)` for a foreign ABI version.
     ///
     /// # Safety
-    /// `self` must point at a declaration exported by a plugin (its strings valid).
-    pub unsafe fn info(&self) -> DeclarationInfo {
+    /// `decl` must be the address of the exported `llm_esr_plugin_declaration`
+    /// symbol, readable for 4 bytes. Only when its first `u32` equals
+    /// [`ABI_VERSION`] is it read as a [`PluginDeclaration`], whose string
+    /// fields must then be null or NUL-terminated strings.
+    pub unsafe fn read(decl: *const PluginDeclaration) -> Result<DeclarationInfo, u32> {
+        // Offset 0 holds the ABI version in every version of the layout.
+        let abi_version = std::ptr::read_unaligned(decl.cast::<u32>());
+        if abi_version != ABI_VERSION {
+            return Err(abi_version);
+        }
+        // Same version, so this is our layout. The fields are read through the
+        // raw pointer, one by one, without asserting that the whole struct
+        // (its `create` in particular) is valid.
         let s = |p: *const c_char| {
             if p.is_null() {
                 String::new()
@@ -112,25 +131,27 @@ impl PluginDeclaration {
                 CStr::from_ptr(p).to_string_lossy().into_owned()
             }
         };
-        DeclarationInfo {
-            abi_version: self.abi_version,
-            rustc_version: s(self.rustc_version),
-            fingerprint: s(self.fingerprint),
-            kind: s(self.kind),
-            name: s(self.name),
-            version: s(self.version),
-        }
+        Ok(DeclarationInfo {
+            abi_version,
+            rustc_version: s((*decl).rustc_version),
+            fingerprint: s((*decl).fingerprint),
+            kind: s((*decl).kind),
+            name: s((*decl).name),
+            version: s((*decl).version),
+        })
     }
-}
 
-impl DeclarationInfo {
+    /// The refusal of a declaration of another ABI version.
+    pub fn foreign_abi(abi_version: u32) -> String {
+        format!(
+            "plugin ABI version {abi_version} but the host expects {ABI_VERSION}; rebuild the plugin against this host"
+        )
+    }
+
     /// Why this plugin cannot be used with this host, if it cannot.
     pub fn incompatibility(&self) -> Option<String> {
         if self.abi_version != ABI_VERSION {
-            return Some(format!(
-                "plugin ABI version {} but the host expects {ABI_VERSION}",
-                self.abi_version
-            ));
+            return Some(Self::foreign_abi(self.abi_version));
         }
         if self.rustc_version != RUSTC_VERSION {
             return Some(format!(
