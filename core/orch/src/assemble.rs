@@ -25,6 +25,15 @@ pub fn plugin_dirs(cfg: &Config) -> Result<Vec<PathBuf>> {
     Ok(plugin_host::search_dirs(&configured))
 }
 
+/// Fails early, before a run directory exists, when the variant needs
+/// artifacts and `model.artifacts` is unset.
+pub fn check_artifacts_dir(cfg: &Config) -> Result<()> {
+    if cfg.model.variant != Variant::Plain {
+        cfg.artifacts_dir()?;
+    }
+    Ok(())
+}
+
 /// Loads the semantic artifacts when the variant needs them, checked against
 /// the dataset before any training starts.
 pub fn artifacts(cfg: &Config, ds: &Dataset, device: &Device) -> Result<Option<Artifacts>> {

@@ -183,7 +183,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let comm = init_comm(&cfg.distributed.backend)?;
             logging::init(cli.log_format, comm.rank());
             crate::preflight::check(&cfg)?;
-            let out = train::bench(&cfg, comm.as_ref(), warmup as usize, steps as usize)?;
+            let out = crate::bench::run(&cfg, comm.as_ref(), warmup as usize, steps as usize)?;
             if comm.rank() == 0 {
                 println!("{}", serde_json::to_string(&out)?);
             }

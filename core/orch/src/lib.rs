@@ -7,21 +7,25 @@
 //! (`llm-esr-prep`), and the models themselves (plugins).
 
 pub mod assemble;
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod distill;
 pub mod eval;
 pub mod files;
 pub mod limits;
 pub mod logging;
 pub mod model;
 pub mod optim;
+pub mod parallel;
 pub mod plugin_host;
 pub mod preflight;
 pub mod progress;
 pub mod recommend;
 pub mod report;
 pub mod run_dir;
+pub mod step;
 pub mod sweep;
 pub mod train;

@@ -28,6 +28,7 @@ use llm_esr_runtime::{
 
 use crate::config::{config_error, is_config_error, plugin_section, Config, Variant};
 use crate::plugin_host::{self, BuildRefused, GuardedBackbone, GuardedFusion, GuardedRetrieval};
+use crate::step::StepSettings;
 
 /// A plugin section as JSON, with errors naming the section's key.
 fn section(key: &str, value: &serde_yaml::Value) -> Result<serde_json::Value> {
@@ -103,6 +104,11 @@ pub struct Recommender {
     semantic: Option<SemanticView>,
     fusion: Option<GuardedFusion>,
     retrieval: Option<GuardedRetrieval>,
+    /// Where the model's tensors live.
+    pub device: Device,
+    backbone_name: String,
+    /// What the training step takes from the config (see [`crate::step`]).
+    pub settings: StepSettings,
 }
 
 /// The item representations of one step.
@@ -236,7 +242,21 @@ impl Recommender {
             semantic,
             fusion,
             retrieval,
+            device: device.clone(),
+            backbone_name: m.backbone.clone(),
+            settings: StepSettings {
+                seed: cfg.seed,
+                max_len: cfg.data.max_len,
+                pad_to_max_len: cfg.data.pad_to_max_len,
+                alpha: m.alpha,
+                student: m.student,
+            },
         })
+    }
+
+    /// The method in a few words, for logs: `sasrec, plain`.
+    pub fn describe(&self) -> String {
+        format!("{}, {:?}", self.backbone_name, self.variant).to_lowercase()
     }
 
     pub fn objective(&self) -> Objective {

@@ -1,13 +1,18 @@
-//! Adam over one flat buffer per parameter set.
+//! Adam, torch's `Adam` (bias-corrected, `eps` added to the root of the
+//! second moment, L2 `weight_decay` added to the gradient).
 //!
-//! Gradients are gathered into a single contiguous f32 buffer (the same buffer
-//! that the data-parallel all-reduce sums), the update runs in plain loops over
-//! it, and the new values are written back to the candle variables. This is
-//! torch's `Adam` (bias-corrected, `eps` added to the root of the second moment,
-//! L2 `weight_decay` added to the gradient).
+//! The parameters and both moments stay on their device between steps: each
+//! parameter has its moments in one `(2, n)` tensor beside it, and on the CPU
+//! one step is two in-place passes over each parameter's own storage (the
+//! moments, then the parameter), with no copy of either. Elsewhere the same
+//! arithmetic runs as tensor ops, in the same order, so both paths give the
+//! same bits. The gradient arrives as the one flat f32 buffer that the
+//! data-parallel all-reduce sums.
 
-use anyhow::Result;
-use llm_esr_runtime::candle::{backprop::GradStore, Tensor, Var};
+use anyhow::{bail, Result};
+use llm_esr_runtime::candle::{
+    self, backprop::GradStore, CpuStorage, DType, InplaceOp2, Layout, Tensor, Var,
+};
 
 pub struct Adam {
     pub lr: f64,
@@ -16,50 +21,230 @@ pub struct Adam {
     pub eps: f64,
     pub weight_decay: f64,
     pub step: u64,
-    pub m: Vec<f32>,
-    pub v: Vec<f32>,
+    /// Per parameter: `[m; v]`, shape (2, n), on the parameter's device.
+    moments: Vec<Tensor>,
 }
 
 impl Adam {
-    pub fn new(n: usize, lr: f64, betas: [f64; 2], eps: f64, weight_decay: f64) -> Self {
-        Adam {
+    pub fn new(
+        vars: &[Var],
+        lr: f64,
+        betas: [f64; 2],
+        eps: f64,
+        weight_decay: f64,
+    ) -> Result<Self> {
+        let moments = vars
+            .iter()
+            .map(|v| Tensor::zeros((2, v.elem_count()), DType::F32, v.device()))
+            .collect::<candle::Result<_>>()?;
+        Ok(Adam {
             lr,
             beta1: betas[0],
             beta2: betas[1],
             eps,
             weight_decay,
             step: 0,
-            m: vec![0.0; n],
-            v: vec![0.0; n],
-        }
+            moments,
+        })
+    }
+
+    /// Number of scalars updated (the length of the flat gradient).
+    pub fn len(&self) -> usize {
+        self.moments.iter().map(|m| m.elem_count() / 2).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Applies one update to `vars` given the flat gradient `grad`.
     pub fn step(&mut self, vars: &[Var], grad: &[f32]) -> Result<()> {
+        if grad.len() != self.len() || vars.len() != self.moments.len() {
+            bail!(
+                "Adam: {} gradients for {} parameters",
+                grad.len(),
+                self.len()
+            );
+        }
         self.step += 1;
         let bc1 = 1.0 - self.beta1.powi(self.step as i32);
         let bc2 = 1.0 - self.beta2.powi(self.step as i32);
         let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
-        let step_size = (self.lr / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let (eps, wd) = (self.eps as f32, self.weight_decay as f32);
+        let update = Update {
+            step_size: (self.lr / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            eps: self.eps as f32,
+        };
         let mut off = 0;
-        for var in vars {
+        for (var, moments) in vars.iter().zip(&self.moments) {
             let n = var.elem_count();
-            let mut p: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
-            let g = &grad[off..off + n];
-            let m = &mut self.m[off..off + n];
-            let v = &mut self.v[off..off + n];
-            for i in 0..n {
-                let gi = g[i] + wd * p[i];
-                m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                p[i] -= step_size * m[i] / (v[i].sqrt() / bc2_sqrt + eps);
+            let moments_op = Moments {
+                grad: &grad[off..off + n],
+                b1,
+                b2,
+                wd: self.weight_decay as f32,
+            };
+            if var.device().is_cpu() {
+                moments.inplace_op2(var.as_tensor(), &moments_op)?;
+                var.as_tensor().inplace_op2(moments, &update)?;
+            } else {
+                composed_step(var, moments, &moments_op, &update)?;
             }
-            var.set(&Tensor::from_vec(p, var.shape(), var.device())?)?;
             off += n;
         }
         Ok(())
+    }
+
+    /// The moments as flat host vectors `(m, v)` in parameter order (checkpoints).
+    pub fn moments(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut m, mut v) = (
+            Vec::with_capacity(self.len()),
+            Vec::with_capacity(self.len()),
+        );
+        for t in &self.moments {
+            m.extend(t.get(0)?.to_vec1::<f32>()?);
+            v.extend(t.get(1)?.to_vec1::<f32>()?);
+        }
+        Ok((m, v))
+    }
+
+    /// Restores moments saved by [`Adam::moments`].
+    pub fn set_moments(&mut self, m: &[f32], v: &[f32]) -> Result<()> {
+        if m.len() != self.len() || v.len() != self.len() {
+            bail!(
+                "Adam: {} / {} saved moments for {} parameters",
+                m.len(),
+                v.len(),
+                self.len()
+            );
+        }
+        let mut off = 0;
+        for t in &mut self.moments {
+            let n = t.elem_count() / 2;
+            let both = [&m[off..off + n], &v[off..off + n]].concat();
+            *t = Tensor::from_vec(both, (2, n), t.device())?;
+            off += n;
+        }
+        Ok(())
+    }
+}
+
+/// First pass: `[m; v]` from the gradient (and the parameter, for weight
+/// decay), exactly as torch orders the arithmetic.
+struct Moments<'a> {
+    grad: &'a [f32],
+    b1: f32,
+    b2: f32,
+    wd: f32,
+}
+
+impl Moments<'_> {
+    fn apply(&self, mv: &mut [f32], p: &[f32]) {
+        let n = p.len();
+        let (m, v) = mv.split_at_mut(n);
+        let (b1, b2, wd) = (self.b1, self.b2, self.wd);
+        for i in 0..n {
+            let gi = self.grad[i] + wd * p[i];
+            m[i] = b1 * m[i] + (1.0 - b1) * gi;
+            v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+        }
+    }
+}
+
+impl InplaceOp2 for Moments<'_> {
+    fn name(&self) -> &'static str {
+        "adam-moments"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle::Result<()> {
+        let (mv, p) = (f32_mut(s1, l1)?, f32_ref(s2, l2)?);
+        self.apply(mv, p);
+        Ok(())
+    }
+}
+
+/// Second pass: the parameter from the new moments.
+struct Update {
+    step_size: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+}
+
+impl Update {
+    fn apply(&self, p: &mut [f32], mv: &[f32]) {
+        let (m, v) = mv.split_at(p.len());
+        for i in 0..p.len() {
+            p[i] -= self.step_size * m[i] / (v[i].sqrt() / self.bc2_sqrt + self.eps);
+        }
+    }
+}
+
+impl InplaceOp2 for Update {
+    fn name(&self) -> &'static str {
+        "adam-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle::Result<()> {
+        let (p, mv) = (f32_mut(s1, l1)?, f32_ref(s2, l2)?);
+        self.apply(p, mv);
+        Ok(())
+    }
+}
+
+/// The same two passes as tensor ops, for devices without the in-place
+/// kernels (the gradient slice is copied to the device).
+fn composed_step(var: &Var, moments: &Tensor, mo: &Moments, up: &Update) -> Result<()> {
+    let p = var.as_tensor();
+    let dev = p.device();
+    let n = var.elem_count();
+    let scalar = |x: f32| Tensor::new(x, dev);
+    let g = Tensor::from_slice(mo.grad, n, dev)?;
+    let pf = p.flatten_all()?;
+    let g = if mo.wd != 0.0 {
+        (g + pf.broadcast_mul(&scalar(mo.wd)?)?)?
+    } else {
+        g
+    };
+    let (m, v) = (moments.get(0)?, moments.get(1)?);
+    let m = (m.broadcast_mul(&scalar(mo.b1)?)? + g.broadcast_mul(&scalar(1.0 - mo.b1)?)?)?;
+    let v =
+        (v.broadcast_mul(&scalar(mo.b2)?)? + g.broadcast_mul(&scalar(1.0 - mo.b2)?)?.mul(&g)?)?;
+    let den = (v.sqrt()?.broadcast_div(&scalar(up.bc2_sqrt)?)?).broadcast_add(&scalar(up.eps)?)?;
+    let step = m.broadcast_mul(&scalar(up.step_size)?)?.div(&den)?;
+    var.set(&(pf - step)?.reshape(p.shape())?)?;
+    moments.slice_set(&Tensor::stack(&[&m, &v], 0)?, 0, 0)?;
+    Ok(())
+}
+
+fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle::Result<&'a mut [f32]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle::bail!("adam: the parameter is not contiguous")
+    };
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[start..end]),
+        _ => candle::bail!("adam: f32 parameters only"),
+    }
+}
+
+fn f32_ref<'a>(s: &'a CpuStorage, l: &Layout) -> candle::Result<&'a [f32]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle::bail!("adam: the parameter is not contiguous")
+    };
+    match s {
+        CpuStorage::F32(v) => Ok(&v[start..end]),
+        _ => candle::bail!("adam: f32 parameters only"),
     }
 }
 
@@ -110,7 +295,7 @@ mod tests {
     #[test]
     fn matches_hand_computed_adam() -> Result<()> {
         let var = Var::from_tensor(&Tensor::new(&[1f32, -2.0], &Device::Cpu)?)?;
-        let mut adam = Adam::new(2, 0.1, [0.9, 0.999], 1e-8, 0.0);
+        let mut adam = Adam::new(std::slice::from_ref(&var), 0.1, [0.9, 0.999], 1e-8, 0.0)?;
         adam.step(std::slice::from_ref(&var), &[0.5, 0.25])?;
         // Step 1: m_hat = g, v_hat = g^2, so p -= lr * sign(g) (up to eps).
         let p: Vec<f32> = var.as_tensor().to_vec1()?;
@@ -124,6 +309,41 @@ mod tests {
         let p: Vec<f32> = var.as_tensor().to_vec1()?;
         let expect0 = 0.9 + 0.1 * 0.289_473_7 / 0.625_187_6f32.sqrt();
         assert!((p[0] - expect0).abs() < 1e-5, "{} vs {expect0}", p[0]);
+        Ok(())
+    }
+
+    /// The in-place CPU kernels and the composed tensor ops (the path of
+    /// other devices) give the same bits, weight decay included.
+    #[test]
+    fn in_place_and_composed_steps_agree() -> Result<()> {
+        let init: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+        let a = Var::from_tensor(&Tensor::from_vec(init.clone(), (37,), &Device::Cpu)?)?;
+        let b = Var::from_tensor(&Tensor::from_vec(init, (37,), &Device::Cpu)?)?;
+        let mut adam_a = Adam::new(std::slice::from_ref(&a), 0.01, [0.9, 0.999], 1e-8, 0.1)?;
+        let mut adam_b = Adam::new(std::slice::from_ref(&b), 0.01, [0.9, 0.999], 1e-8, 0.1)?;
+        for step in 0..5 {
+            let grad: Vec<f32> = (0..37).map(|i| ((i * step) as f32 * 0.11).cos()).collect();
+            adam_a.step(std::slice::from_ref(&a), &grad)?;
+            // The composed path, forced on the CPU.
+            adam_b.step += 1;
+            let bc1 = 1.0 - 0.9f64.powi(adam_b.step as i32);
+            let bc2 = 1.0 - 0.999f64.powi(adam_b.step as i32);
+            let mo = Moments {
+                grad: &grad,
+                b1: 0.9,
+                b2: 0.999,
+                wd: 0.1,
+            };
+            let up = Update {
+                step_size: (0.01 / bc1) as f32,
+                bc2_sqrt: bc2.sqrt() as f32,
+                eps: 1e-8,
+            };
+            composed_step(&b, &adam_b.moments[0], &mo, &up)?;
+        }
+        let (pa, pb): (Vec<f32>, Vec<f32>) = (a.as_tensor().to_vec1()?, b.as_tensor().to_vec1()?);
+        assert_eq!(pa, pb);
+        assert_eq!(adam_a.moments()?, adam_b.moments()?);
         Ok(())
     }
 }

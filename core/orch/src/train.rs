@@ -11,26 +11,22 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use llm_esr_comm::Communicator;
-use llm_esr_runtime::candle::{Device, Tensor, Var, D};
-use llm_esr_runtime::{ForwardCtx, Objective, Retrieval, Rng};
+use llm_esr_runtime::candle::{Device, Var};
+use llm_esr_runtime::Rng;
 use serde_json::json;
 use tracing::{info, warn};
 
 use crate::checkpoint::{self, TrainState};
-use crate::config::{config_error, Config, NanPolicy, StudentPass};
-use crate::data::{
-    cloze_batch, next_item_batch, training_samples, Dataset, Padded, Split, Targets,
-};
+use crate::config::{config_error, Config, NanPolicy};
+use crate::data::{training_samples, Dataset, Split};
 use crate::eval::{self, Grouping, Metrics};
 use crate::files::{append_line, write_atomic, write_json};
-use crate::model::{bce_loss, last_position, Recommender, Tables};
+use crate::model::Recommender;
 use crate::optim::{assign_values, flatten_grads, flatten_values, Adam};
 use crate::progress::Progress;
 use crate::run_dir::RunDir;
 pub use crate::run_dir::{BEST, CHECKPOINT, METRICS, RESOLVED, RESULTS};
-
-/// Teacher sequences encoded per forward pass in self-distillation.
-const TEACHER_CHUNK: usize = 256;
+use crate::step::GlobalCounts;
 
 pub struct TrainOptions {
     pub resume: bool,
@@ -39,13 +35,13 @@ pub struct TrainOptions {
 }
 
 /// Where training starts: fresh, or from a checkpoint.
-struct Start {
-    adam: Adam,
+pub(crate) struct Start {
+    pub(crate) adam: Adam,
     state: TrainState,
 }
 
 /// What one training step did.
-enum StepOutcome {
+pub(crate) enum StepOutcome {
     /// The update was applied; the global batch loss.
     Applied(f64),
     /// The loss or a gradient was not finite (described); nothing was applied.
@@ -67,11 +63,11 @@ pub fn parse_device(spec: &str, local_rank: usize) -> Result<Device> {
 }
 
 /// Everything one run holds.
-struct Run<'a> {
+pub(crate) struct Run<'a> {
     cfg: &'a Config,
     comm: &'a dyn Communicator,
-    ds: Dataset,
-    model: Recommender,
+    pub(crate) ds: Dataset,
+    pub(crate) model: Recommender,
     vars: Vec<(String, Var)>,
     plain_vars: Vec<Var>,
     device: Device,
@@ -89,9 +85,7 @@ pub fn train(
     let rank0 = comm.rank() == 0;
     // Check the inputs before a run directory exists.
     crate::data::check_prepared(&cfg.data_dir()?)?;
-    if cfg.model.variant != crate::config::Variant::Plain {
-        cfg.artifacts_dir()?;
-    }
+    crate::assemble::check_artifacts_dir(cfg)?;
     // The config against the dataset, the artifacts and memory.
     crate::preflight::check(cfg)?;
     // Every check comes before the first write: a refused command leaves the
@@ -125,59 +119,9 @@ pub fn train(
     run.fit(start)
 }
 
-/// Times `steps` training steps (forward, backward, all-reduce, update) after
-/// `warmup` untimed ones; writes nothing. Returns the step times in ms and
-/// their median.
-pub fn bench(
-    cfg: &Config,
-    comm: &dyn Communicator,
-    warmup: usize,
-    steps: usize,
-) -> Result<serde_json::Value> {
-    let run = Run::new(cfg, comm)?;
-    let mut adam = run.start(None)?.adam;
-    let mut samples = training_samples(&run.ds, run.model.objective());
-    Rng::derive(cfg.seed, 0).shuffle(&mut samples);
-    let mut times = Vec::with_capacity(steps);
-    for (step, batch) in samples
-        .chunks(cfg.train.batch_size)
-        .cycle()
-        .take(warmup + steps)
-        .enumerate()
-    {
-        let shard: Vec<(u32, bool)> = batch
-            .iter()
-            .copied()
-            .skip(comm.rank())
-            .step_by(comm.size())
-            .collect();
-        let t0 = Instant::now();
-        // A non-finite step applies nothing; its time still counts.
-        run.train_step(&shard, 0, step as u64, &mut adam)?;
-        if step >= warmup {
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
-    Ok(json!({
-        "name": cfg.name,
-        "backbone": cfg.model.backbone,
-        "variant": cfg.model.variant,
-        "batch_size": cfg.train.batch_size,
-        "max_len": cfg.data.max_len,
-        "ranks": comm.size(),
-        "parameters": run.model.store.num_scalars(),
-        "median_step_ms": median,
-        "step_ms": times,
-        "peak_rss_mib": peak_rss_mib(),
-    }))
-}
-
 impl<'a> Run<'a> {
     /// Loads the dataset, long-tail groups, artifacts and model of `cfg`.
-    fn new(cfg: &'a Config, comm: &'a dyn Communicator) -> Result<Run<'a>> {
+    pub(crate) fn new(cfg: &'a Config, comm: &'a dyn Communicator) -> Result<Run<'a>> {
         let device = parse_device(&cfg.train.device, comm.local_rank())?;
         let ds = Dataset::load(&cfg.data_dir()?)?;
         if ds.eval_users().is_empty() {
@@ -202,8 +146,7 @@ impl<'a> Run<'a> {
         let vars = model.vars();
         let plain_vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
         info!(
-            backbone = %cfg.model.backbone,
-            variant = ?cfg.model.variant,
+            model = %model.describe(),
             parameters = model.store.num_scalars(),
             ranks = comm.size(),
             backend = comm.backend(),
@@ -232,16 +175,15 @@ impl<'a> Run<'a> {
 impl Run<'_> {
     /// Fresh optimizer and state, or both (and the parameters) from the
     /// checkpoint at `resume`. Writes nothing.
-    fn start(&self, resume: Option<&Path>) -> Result<Start> {
+    pub(crate) fn start(&self, resume: Option<&Path>) -> Result<Start> {
         let cfg = self.cfg;
-        let n_params: usize = self.plain_vars.iter().map(|v| v.elem_count()).sum();
         let mut adam = Adam::new(
-            n_params,
+            &self.plain_vars,
             cfg.train.lr,
             cfg.train.adam_betas,
             cfg.train.adam_eps,
             cfg.train.weight_decay,
-        );
+        )?;
         let mut state = TrainState {
             epoch: 0,
             step: 0,
@@ -254,8 +196,7 @@ impl Run<'_> {
         };
         if let Some(ckpt) = resume {
             let (m, v, s) = checkpoint::load(ckpt, &self.vars)?;
-            adam.m = m;
-            adam.v = v;
+            adam.set_moments(&m, &v)?;
             adam.step = s.step;
             state = s;
             info!(
@@ -325,7 +266,8 @@ impl Run<'_> {
                 });
                 append_line(&self.run_dir.join(METRICS), &line.to_string())?;
                 if cfg.train.checkpoint {
-                    checkpoint::save(&ckpt, &self.vars, &adam.m, &adam.v, &state)?;
+                    let (m, v) = adam.moments()?;
+                    checkpoint::save(&ckpt, &self.vars, &m, &v, &state)?;
                 }
             }
             self.comm.barrier()?;
@@ -368,12 +310,7 @@ impl Run<'_> {
         let mut skipped = 0u64;
         let mut last_problem = String::new();
         for (k, batch) in order.chunks(cfg.train.batch_size).enumerate() {
-            let shard: Vec<(u32, bool)> = batch
-                .iter()
-                .copied()
-                .skip(self.comm.rank())
-                .step_by(self.comm.size())
-                .collect();
+            let shard = crate::parallel::shard(batch, self.comm);
             match self.train_step(&shard, epoch, *step, adam)? {
                 StepOutcome::Applied(loss) => {
                     loss_sum += loss;
@@ -446,62 +383,29 @@ impl Run<'_> {
     /// Each rank's loss is its share of the global one (sums divided by global
     /// counts), so summing gradients over ranks gives exactly the gradient of
     /// one process on the whole batch.
-    fn train_step(
+    pub(crate) fn train_step(
         &self,
         shard: &[(u32, bool)],
         epoch: usize,
         step: u64,
         adam: &mut Adam,
     ) -> Result<StepOutcome> {
-        let cfg = self.cfg;
-        let batch = (!shard.is_empty()).then(|| self.batch(shard, epoch));
+        let prepared = (!shard.is_empty()).then(|| self.model.prepare(&self.ds, shard, epoch));
         // Global numbers of targets and of samples.
         let mut counts = [0f64, shard.len() as f64];
-        if let Some((_, targets)) = &batch {
-            counts[0] = targets.count() as f64;
+        if let Some(p) = &prepared {
+            counts[0] = p.targets() as f64;
         }
         self.comm.all_reduce_sum_f64(&mut counts)?;
+        let global = GlobalCounts {
+            targets: counts[0],
+            samples: counts[1],
+        };
         let mut loss_value = [0f64];
-        let mut grad = match batch {
-            None => vec![0f32; adam.m.len()],
-            Some((padded, targets)) => {
-                let dev = &self.device;
-                let (b, l) = (padded.b, padded.l);
-                let ids = Tensor::from_vec(padded.ids, (b, l), dev)?;
-                let mask = Tensor::from_vec(padded.mask, (b, l), dev)?;
-                let weight: Vec<f32> = targets.pos.iter().map(|&p| (p != 0) as u8 as f32).collect();
-                let weight = Tensor::from_vec(weight, b * l, dev)?;
-                let pos = Tensor::from_vec(targets.pos, b * l, dev)?;
-                let neg = Tensor::from_vec(targets.neg, b * l, dev)?;
-                // Dropout keyed by sample: the same masks on any number of ranks.
-                let rows: Vec<u64> = shard.iter().map(|&s| sample_key(s)).collect();
-                let mut rng = Rng::derive(cfg.seed ^ 0x64726f70, step);
-                let mut ctx = ForwardCtx::new(true, &mut rng).with_rows(&rows);
-                let tables = self.model.tables()?;
-                let states = self.model.encode(&tables, &ids, &mask, &mut ctx)?;
-                let h = states.reshape((b * l, ()))?;
-                let logits = |items: &Tensor| -> Result<Tensor> {
-                    Ok((tables.output.index_select(items, 0)? * &h)?.sum(D::Minus1)?)
-                };
-                let mut loss =
-                    bce_loss(&logits(&pos)?, &logits(&neg)?, &weight, counts[0].max(1.0))?;
-                if let Some(retrieval) = self.model.retrieval() {
-                    let users: Vec<u32> = shard.iter().map(|&(u, _)| u).collect();
-                    let teacher = self.teacher(retrieval, &tables, &users, step)?;
-                    let student = match cfg.model.student {
-                        StudentPass::Shared => last_position(&states)?,
-                        StudentPass::Second => {
-                            let mut rng = Rng::derive(cfg.seed ^ 0x0073_7475_6465_6e74, step);
-                            let mut ctx = ForwardCtx::new(true, &mut rng).with_rows(&rows);
-                            last_position(&self.model.encode(&tables, &ids, &mask, &mut ctx)?)?
-                        }
-                    };
-                    // MSE is a mean over this shard; weight it by its share of the batch.
-                    let share = shard.len() as f64 / counts[1];
-                    let sd = (retrieval.distill_loss(&student, &teacher)?
-                        * (share * self.model.alpha as f64))?;
-                    loss = (loss + sd)?;
-                }
+        let mut grad = match prepared {
+            None => vec![0f32; adam.len()],
+            Some(prepared) => {
+                let loss = self.model.loss(&self.ds, prepared, global, step)?.total()?;
                 loss_value[0] = loss.to_scalar::<f32>()? as f64;
                 flatten_grads(&self.plain_vars, &loss.backward()?)?
             }
@@ -514,87 +418,6 @@ impl Run<'_> {
         }
         adam.step(&self.plain_vars, &grad)?;
         Ok(StepOutcome::Applied(loss_value[0]))
-    }
-
-    /// The padded inputs and targets of a shard for the backbone's objective.
-    fn batch(&self, shard: &[(u32, bool)], epoch: usize) -> (Padded, Targets) {
-        let cfg = self.cfg;
-        let (max_len, to_max) = (cfg.data.max_len, cfg.data.pad_to_max_len);
-        match self.model.objective() {
-            Objective::Cloze { mask_prob } => {
-                let mask_token = self
-                    .model
-                    .mask_token
-                    .expect("cloze models have a mask token");
-                cloze_batch(
-                    &self.ds, shard, max_len, to_max, mask_token, mask_prob, cfg.seed, epoch,
-                )
-            }
-            objective => {
-                let users: Vec<u32> = shard.iter().map(|&(u, _)| u).collect();
-                let all = objective == Objective::AllPositions;
-                next_item_batch(&self.ds, &users, max_len, to_max, all, cfg.seed, epoch)
-            }
-        }
-    }
-
-    /// The distillation teacher of each user: the mean of its similar users'
-    /// representations (their training input `train[:-1]`, last position),
-    /// computed by the same model in training mode, without gradient. Each
-    /// distinct teacher is encoded once per step.
-    fn teacher(
-        &self,
-        retrieval: &dyn Retrieval,
-        tables: &Tables,
-        users: &[u32],
-        step: u64,
-    ) -> Result<Tensor> {
-        let teachers = retrieval.teachers(users)?;
-        let mut distinct: Vec<u32> = teachers.concat();
-        distinct.sort_unstable();
-        distinct.dedup();
-        let input = |t: u32| {
-            let s = self.ds.train_seq(t as usize);
-            &s[..s.len().saturating_sub(1)]
-        };
-        // Encode in chunks of similar length, each padded to its own longest
-        // sequence (the masked encoder gives the same result as one big batch,
-        // at a fraction of the cost of padding a thousand teachers to the longest).
-        let mut order: Vec<usize> = (0..distinct.len()).collect();
-        order.sort_by_key(|&j| (input(distinct[j]).len(), j));
-        let dev = &self.device;
-        let mut chunks = Vec::new();
-        for chunk in order.chunks(TEACHER_CHUNK) {
-            let inputs: Vec<&[u32]> = chunk.iter().map(|&j| input(distinct[j])).collect();
-            // Every chunk restarts the step's stream and keys dropout by teacher,
-            // so a teacher's masks do not depend on the chunking (or the rank).
-            let rows: Vec<u64> = chunk.iter().map(|&j| distinct[j] as u64).collect();
-            let mut rng = Rng::derive(self.cfg.seed ^ 0x0074_6561_6368_6572, step);
-            let mut ctx = ForwardCtx::new(true, &mut rng).with_rows(&rows);
-            let padded = Padded::new(&inputs, self.cfg.data.max_len, self.cfg.data.pad_to_max_len);
-            let ids = Tensor::from_vec(padded.ids, (padded.b, padded.l), dev)?;
-            let mask = Tensor::from_vec(padded.mask, (padded.b, padded.l), dev)?;
-            chunks
-                .push(last_position(&self.model.encode(tables, &ids, &mask, &mut ctx)?)?.detach());
-        }
-        // Rows of `reps` follow `order`; `row_of[j]` is distinct[j]'s row.
-        let reps = Tensor::cat(&chunks, 0)?;
-        let mut row_of = vec![0usize; distinct.len()];
-        for (row, &j) in order.iter().enumerate() {
-            row_of[j] = row;
-        }
-        let distinct_rows: Vec<usize> = row_of;
-        let mut avg = vec![0f32; users.len() * distinct.len()];
-        for (i, ts) in teachers.iter().enumerate() {
-            for t in ts {
-                let j = distinct
-                    .binary_search(t)
-                    .expect("teacher is in the distinct set");
-                avg[i * distinct.len() + distinct_rows[j]] += 1.0 / ts.len() as f32;
-            }
-        }
-        let avg = Tensor::from_vec(avg, (users.len(), distinct.len()), dev)?;
-        Ok(avg.matmul(&reps)?)
     }
 
     /// Ranks must hold identical parameters; a cheap checksum tells.
@@ -621,13 +444,7 @@ impl Run<'_> {
 
     fn evaluate(&self, split: Split) -> Result<Metrics> {
         let cfg = self.cfg;
-        let users: Vec<u32> = self
-            .ds
-            .eval_users()
-            .into_iter()
-            .skip(self.comm.rank())
-            .step_by(self.comm.size())
-            .collect();
+        let users = crate::parallel::shard(&self.ds.eval_users(), self.comm);
         let ranks = eval::rank_targets(&self.model, &self.ds, split, cfg, &users, &self.device)?;
         let grouping = &self.groupings[(split == Split::Test) as usize];
         eval::aggregate(&ranks, &cfg.eval.ks, grouping, self.comm)
@@ -652,7 +469,7 @@ impl Run<'_> {
             "eval_mode": self.cfg.eval.mode,
             "world_size": self.comm.size(),
             "seconds": seconds,
-            "peak_rss_mib": peak_rss_mib(),
+            "peak_rss_mib": crate::bench::peak_rss_mib(),
             "long_tail": self.long_tail,
         });
         if self.comm.rank() == 0 {
@@ -665,23 +482,4 @@ impl Run<'_> {
         }
         Ok(results)
     }
-}
-
-/// This process's peak resident memory (Linux `VmHWM`), `None` elsewhere.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
-}
-
-/// The global key of a training sample (user, second cloze copy).
-fn sample_key((user, second): (u32, bool)) -> u64 {
-    (user as u64) << 1 | second as u64
 }
