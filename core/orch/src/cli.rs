@@ -95,10 +95,12 @@ pub enum Command {
         config: PathBuf,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
-        #[arg(long, default_value_t = 30)]
-        steps: usize,
-        #[arg(long, default_value_t = 3)]
-        warmup: usize,
+        /// Timed steps, 1..=100000.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        steps: u32,
+        /// Untimed steps first, 0..=100000.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+        warmup: u32,
     },
     /// Print the results of finished runs as one table (like the paper's Table 1).
     Report {
@@ -133,9 +135,7 @@ pub fn run(cli: Cli) -> Result<()> {
             force_config,
         } => {
             let cfg = Config::load(&config, &set)?;
-            let backend = llm_esr_comm::Backend::parse(&cfg.distributed.backend)
-                .context("config key `distributed.backend`")?;
-            let comm = llm_esr_comm::init(backend)?;
+            let comm = init_comm(&cfg.distributed.backend)?;
             logging::init(cli.log_format, comm.rank());
             let result = train::train(
                 &cfg,
@@ -180,9 +180,10 @@ pub fn run(cli: Cli) -> Result<()> {
             warmup,
         } => {
             let cfg = Config::load(&config, &set)?;
-            let comm = llm_esr_comm::init(llm_esr_comm::Backend::parse(&cfg.distributed.backend)?)?;
+            let comm = init_comm(&cfg.distributed.backend)?;
             logging::init(cli.log_format, comm.rank());
-            let out = crate::bench::run(&cfg, comm.as_ref(), warmup, steps)?;
+            crate::preflight::check(&cfg)?;
+            let out = crate::bench::run(&cfg, comm.as_ref(), warmup as usize, steps as usize)?;
             if comm.rank() == 0 {
                 println!("{}", serde_json::to_string(&out)?);
             }
@@ -237,6 +238,18 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The communicator of `distributed.backend`. A backend that this build or
+/// this launch cannot provide (`nccl` without CUDA, `single` under a launcher
+/// that started several ranks) is an error of that key.
+fn init_comm(name: &str) -> Result<Box<dyn llm_esr_comm::Communicator>> {
+    let key_error = |e: llm_esr_comm::CommError| {
+        crate::config::config_error(format!("config key `distributed.backend`: {e}"))
+    };
+    let backend = llm_esr_comm::Backend::parse(name).map_err(key_error)?;
+    llm_esr_comm::resolve(backend, llm_esr_comm::detect_launch().as_ref()).map_err(key_error)?;
+    Ok(llm_esr_comm::init(backend)?)
 }
 
 fn expand_path(key: &str, path: &std::path::Path) -> Result<PathBuf> {

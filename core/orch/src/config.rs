@@ -305,7 +305,13 @@ impl Config {
                 "--set {ov}: expected KEY=VALUE, e.g. train.epochs=5"
             ))
         })?;
-        let value: serde_yaml::Value = serde_yaml::from_str(value)
+        if value.len() as u64 > crate::limits::MAX_CONFIG_BYTES {
+            return Err(config_error(format!(
+                "--set {key}: the value is longer than {} KiB, the cap for configuration",
+                crate::limits::MAX_CONFIG_BYTES / 1024
+            )));
+        }
+        let value: serde_yaml::Value = crate::limits::parse_yaml(value)
             .map_err(|e| config_error(format!("--set {key}: value is not valid YAML: {e}")))?;
         let mut tree = serde_yaml::to_value(self)?;
         let mut node = &mut tree;
@@ -341,29 +347,11 @@ impl Config {
                 ),
             );
         }
-        if self.data.max_len == 0 {
-            return bad("data.max_len", "must be at least 1");
-        }
-        if self.model.hidden == 0 {
-            return bad("model.hidden", "must be at least 1");
-        }
-        if !(0.0..1.0).contains(&self.model.dropout) {
-            return bad("model.dropout", "must be in [0, 1)");
-        }
-        if self.train.batch_size == 0 {
-            return bad("train.batch_size", "must be at least 1");
-        }
-        if self.train.lr <= 0.0 {
-            return bad("train.lr", "must be positive");
-        }
-        if self.eval.ks.is_empty() || self.eval.ks.contains(&0) {
+        // The range of every numeric key (README), the built-in plugins'
+        // sections, and relations between keys (see `limits`).
+        crate::limits::check(self)?;
+        if self.eval.ks.is_empty() {
             return bad("eval.ks", "must list positive cut-offs, e.g. [5, 10, 20]");
-        }
-        if self.eval.mode == EvalMode::Sampled && self.eval.negatives == 0 {
-            return bad(
-                "eval.negatives",
-                "must be at least 1 for sampled evaluation",
-            );
         }
         let metric_ok = self.eval.metric.split_once('@').is_some_and(|(m, k)| {
             (m == "NDCG" || m == "HR")
@@ -419,9 +407,8 @@ fn load_tree(path: &Path, depth: usize) -> Result<serde_yaml::Value> {
             path.display()
         )));
     }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| config_error(format!("cannot read config {}: {e}", path.display())))?;
-    let mut tree: serde_yaml::Value = serde_yaml::from_str(&text)
+    let text = crate::limits::read_capped(path, "config")?;
+    let mut tree: serde_yaml::Value = crate::limits::parse_yaml(&text)
         .map_err(|e| config_error(format!("config {}: {e}", path.display())))?;
     if tree.is_null() {
         tree = serde_yaml::Value::Mapping(Default::default());
@@ -519,11 +506,15 @@ pub fn expand_env(key: &str, value: &str) -> Result<String> {
 
 /// The YAML of a free-form plugin section as JSON for the plugin.
 pub fn plugin_section(value: &serde_yaml::Value) -> Result<serde_json::Value> {
-    serde_json::to_value(value).context("plugin configuration section is not representable as JSON")
+    serde_json::to_value(value)
+        .context("plugin configuration section is not representable as JSON (keys must be strings)")
 }
 
+/// Whether `e` is an error of the configuration (ours, or one found by the
+/// data pipeline, `llm_esr_prep::InvalidConfig`): exit status 2.
 pub fn is_config_error(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.downcast_ref::<ConfigError>().is_some())
+        || llm_esr_prep::is_invalid_config(e)
 }
 
 pub fn ensure(cond: bool, msg: impl Into<String>) -> Result<()> {
@@ -531,5 +522,436 @@ pub fn ensure(cond: bool, msg: impl Into<String>) -> Result<()> {
         Ok(())
     } else {
         Err(anyhow!(msg.into()))
+    }
+}
+
+impl Config {
+    /// Checks the keys whose valid range depends on the dataset (and on the
+    /// artifact manifest, for the variants that read artifacts). Called where
+    /// `train`, `bench` and `sweep` load the dataset, before any run directory
+    /// is written; errors name the key, the value, the range and the dataset.
+    pub fn validate_for(&self, ds: &crate::data::Dataset) -> Result<()> {
+        let dir = ds.dir.display();
+        let eval_users = ds.eval_users();
+        if eval_users.is_empty() {
+            return Err(config_error(format!(
+                "config key `data.dir`: no user of {dir} has the 3 interactions that \
+                 leave-one-out evaluation needs (training items, a validation and a test \
+                 target): nothing could be evaluated"
+            )));
+        }
+        let longest = eval_users
+            .iter()
+            .map(|&u| ds.history(u as usize).len())
+            .max()
+            .unwrap_or(0);
+        let unseen = ds.num_items.saturating_sub(longest);
+        match self.eval.mode {
+            EvalMode::Sampled => {
+                if self.eval.negatives > unseen {
+                    return Err(config_error(format!(
+                        "config key `eval.negatives`: {} is outside [1, {unseen}] for the dataset \
+                         {dir}: it has {} items and a user has interacted with {longest} of them, \
+                         leaving {unseen} to draw negatives from; lower `eval.negatives` (or use \
+                         `eval.mode: full`)",
+                        self.eval.negatives, ds.num_items
+                    )));
+                }
+            }
+            EvalMode::Full => {
+                let candidates = unseen + 1;
+                if let Some(k) = self.eval.ks.iter().find(|&&k| k > candidates) {
+                    return Err(config_error(format!(
+                        "config key `eval.ks`: {k} is outside [1, {candidates}] for the dataset \
+                         {dir}: with `eval.mode: full` a user with {longest} of its {} items ranks \
+                         the target among {candidates} candidates",
+                        ds.num_items
+                    )));
+                }
+            }
+        }
+        let m = &self.model;
+        if m.variant == Variant::Plain {
+            return Ok(());
+        }
+        // The artifacts were made by `embed`, perhaps with another config:
+        // compare with what they hold. A missing or unreadable manifest is
+        // reported when the artifacts are loaded.
+        let Ok(art) = self.artifacts_dir() else {
+            return Ok(());
+        };
+        let Ok(manifest) = llm_esr_prep::Manifest::load(&art) else {
+            return Ok(());
+        };
+        let uses_pca = m.variant == Variant::Llminit || m.co_view;
+        if let Some(pca) = manifest.stages.get("pca").filter(|_| uses_pca) {
+            if pca.cols != m.hidden {
+                return Err(config_error(format!(
+                    "config key `model.hidden`: {} differs from the width {} of the PCA artifact \
+                     in {} (made with `embed.pca_dim: {}`); set `model.hidden: {}` or rerun \
+                     `llm-esr-orch embed` with `embed.pca_dim: {}`",
+                    m.hidden,
+                    pca.cols,
+                    art.display(),
+                    pca.cols,
+                    pca.cols,
+                    m.hidden
+                )));
+            }
+        }
+        let distill = m.variant == Variant::Llmesr && m.distill;
+        if let Some(nb) = manifest.stages.get("neighbours").filter(|_| distill) {
+            if m.retrieval == "semantic-knn" {
+                let n = m
+                    .retrieval_config
+                    .get("n")
+                    .and_then(serde_yaml::Value::as_u64)
+                    .unwrap_or(10);
+                if n as usize > nb.cols {
+                    return Err(config_error(format!(
+                        "config key `model.retrieval_config.n`: {n} is outside [1, {}]: the \
+                         artifacts in {} store {} similar users per user (`embed.neighbours`); \
+                         lower n or rerun `llm-esr-orch embed` with `embed.neighbours: {n}`",
+                        nb.cols,
+                        art.display(),
+                        nb.cols
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::{PLUGIN_RANGES, RANGES};
+
+    fn apply(sets: &[&str]) -> Result<Config> {
+        let mut cfg = Config::default();
+        for s in sets {
+            cfg = cfg.with_override(s)?;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Each row: overrides -> a fragment of the error (empty: accepted).
+    #[test]
+    fn every_range_is_checked_with_key_value_and_range() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["train.adam_betas=[1.5,2]"],
+                "config key `train.adam_betas`: 1.5 is outside [0, 1)",
+            ),
+            (
+                &["train.adam_betas=[0.9,.nan]"],
+                "`train.adam_betas`: NaN is outside [0, 1); NaN and infinite values are never",
+            ),
+            (
+                &["train.adam_betas=[0.9,1]"],
+                "`train.adam_betas`: 1 is outside [0, 1)",
+            ),
+            (&["train.lr=.inf"], "`train.lr`: inf is outside (0, inf)"),
+            (&["train.lr=0"], "`train.lr`: 0 is outside (0, inf)"),
+            (&["train.lr=-1e-3"], "`train.lr`: -0.001 is outside"),
+            (&["train.lr=.nan"], "`train.lr`: NaN"),
+            (&["train.lr=1000000"], ""),
+            (&["train.lr=1e300"], ""),
+            (
+                &["train.adam_eps=0"],
+                "`train.adam_eps`: 0 is outside [1e-38, inf)",
+            ),
+            (
+                &["train.weight_decay=-0.1"],
+                "`train.weight_decay`: -0.1 is outside [0, inf)",
+            ),
+            (&["train.weight_decay=.inf"], "`train.weight_decay`: inf"),
+            (
+                &["train.batch_size=0"],
+                "`train.batch_size`: 0 is outside [1, 65536]",
+            ),
+            (
+                &["train.batch_size=1000000"],
+                "`train.batch_size`: 1000000 is outside",
+            ),
+            (
+                &["data.max_len=0"],
+                "`data.max_len`: 0 is outside [1, 4096]",
+            ),
+            (
+                &["data.max_len=100000000"],
+                "`data.max_len`: 100000000 is outside [1, 4096]",
+            ),
+            (
+                &["model.hidden=0"],
+                "`model.hidden`: 0 is outside [1, 4096]",
+            ),
+            (
+                &["model.hidden=1000000"],
+                "`model.hidden`: 1000000 is outside [1, 4096]",
+            ),
+            (&["model.dropout=1"], "`model.dropout`: 1 is outside [0, 1)"),
+            (&["model.dropout=.nan"], "`model.dropout`: NaN"),
+            (
+                &["model.alpha=-0.5"],
+                "`model.alpha`: -0.5 is outside [0, inf)",
+            ),
+            (&["model.alpha=1e40"], "`model.alpha`: inf"),
+            (
+                &["eval.negatives=0"],
+                "`eval.negatives`: 0 is outside [1, 1000000]",
+            ),
+            (
+                &["eval.negatives=2000000"],
+                "`eval.negatives`: 2000000 is outside",
+            ),
+            (&["eval.mode=full", "eval.negatives=0"], ""),
+            (
+                &["eval.ks=[0,10]", "eval.metric=NDCG@10"],
+                "`eval.ks`: 0 is outside",
+            ),
+            (&["eval.ks=[5,200]"], "`eval.ks`: 200 is outside [1, 101]"),
+            (
+                &["eval.batch_size=0"],
+                "`eval.batch_size`: 0 is outside [1, 65536]",
+            ),
+            (
+                &["data.long_tail.pareto=0"],
+                "`data.long_tail.pareto`: 0 is outside (0, 1]",
+            ),
+            (
+                &["data.long_tail.pareto=1.5"],
+                "`data.long_tail.pareto`: 1.5 is outside",
+            ),
+            (
+                &["data.long_tail.pareto=null"],
+                "`data.long_tail.pareto`: is null",
+            ),
+            (
+                &[
+                    "data.long_tail.pareto=null",
+                    "data.long_tail.ts_user=4",
+                    "data.long_tail.ts_item=9",
+                ],
+                "",
+            ),
+            (
+                &["prepare.long_tail.pareto=.nan"],
+                "`prepare.long_tail.pareto`: NaN",
+            ),
+            (
+                &["prepare.long_tail.test_users_by=test_input"],
+                "`prepare.long_tail.test_users_by`",
+            ),
+            (
+                &["embed.batch_size=0"],
+                "`embed.batch_size`: 0 is outside [1, 65536]",
+            ),
+            (
+                &["embed.max_batch_tokens=0"],
+                "`embed.max_batch_tokens`: 0 is outside",
+            ),
+            (
+                &["embed.max_tokens=2"],
+                "`embed.max_tokens`: 2 is outside [3, 8192]",
+            ),
+            (
+                &["embed.pca_dim=5000"],
+                "`embed.pca_dim`: 5000 is outside [1, 4096]",
+            ),
+            (
+                &["embed.neighbours=0"],
+                "`embed.neighbours`: 0 is outside [1, 10000]",
+            ),
+            (
+                &["embed.knn_block=0"],
+                "`embed.knn_block`: 0 is outside [1, 65536]",
+            ),
+            (
+                &["embed.device=tpu"],
+                "`embed.device`: unknown device `tpu`",
+            ),
+            (&["embed.item_template='{title'"], "`embed.item_template`"),
+            (
+                &["train.device=gpu"],
+                "`train.device`: unknown device `gpu`",
+            ),
+            (&["train.device=cuda:1"], ""),
+            (&["prepare.delimiter=é"], "`prepare.delimiter`"),
+            (
+                &["model.encoder={layers: 1000}"],
+                "`model.encoder.layers`: 1000 is outside [0, 64]",
+            ),
+            (
+                &["model.encoder={heads: 3}"],
+                "`model.encoder.heads`: 3 heads do not divide",
+            ),
+            (
+                &["model.encoder={heads: 0}"],
+                "`model.encoder.heads`: 0 is outside [1, 4096]",
+            ),
+            (
+                &["model.encoder={layer_norm_eps: .nan}"],
+                "`model.encoder.layer_norm_eps`: NaN",
+            ),
+            (
+                &["model.backbone=bert4rec", "model.encoder={mask_prob: 0}"],
+                "`model.encoder.mask_prob`: 0 is outside (0, 1]",
+            ),
+            (
+                &["model.backbone=gru4rec", "model.encoder={layers: 0}"],
+                "`model.encoder.layers`: 0 is outside [1, 64]",
+            ),
+            (
+                &["model.backbone=myplugin", "model.encoder={x: .inf}"],
+                "`model.encoder.x`: inf",
+            ),
+            (&["model.backbone=myplugin", "model.encoder={x: 1e9}"], ""),
+            (&["model.encoder=5"], "`model.encoder`: must be a mapping"),
+            (
+                &["model.variant=llmesr", "model.fusion_config={heads: 3}"],
+                "`model.fusion_config.heads`: 3 heads do not divide",
+            ),
+            // An unused section is not range-checked.
+            (&["model.fusion_config={heads: 3}"], ""),
+            (
+                &["model.variant=llmesr", "model.retrieval_config={n: 0}"],
+                "`model.retrieval_config.n`: 0 is outside [1, 10000]",
+            ),
+            (
+                &["model.variant=llminit", "model.hidden=32"],
+                "`model.hidden`: 32 differs from `embed.pca_dim` = 64",
+            ),
+            (
+                &[
+                    "model.variant=llminit",
+                    "model.hidden=32",
+                    "embed.pca_dim=32",
+                ],
+                "",
+            ),
+            (
+                &[
+                    "model.variant=llmesr",
+                    "model.co_view=false",
+                    "model.se_view=false",
+                ],
+                "both false",
+            ),
+            (&["distributed.backend=gloo"], "`distributed.backend`"),
+        ];
+        for (sets, want) in cases {
+            match (apply(sets), want.is_empty()) {
+                (Ok(_), true) => {}
+                (Ok(_), false) => panic!("{sets:?} was accepted, expected `{want}`"),
+                (Err(e), true) => panic!("{sets:?} was refused: {e:#}"),
+                (Err(e), false) => {
+                    let msg = format!("{e:#}");
+                    assert!(msg.contains(want), "{sets:?}: `{msg}` lacks `{want}`");
+                    assert!(is_config_error(&e), "{sets:?}: not a config error: {msg}");
+                }
+            }
+        }
+    }
+
+    fn numeric_leaves(v: &serde_yaml::Value, path: &str, out: &mut Vec<String>) {
+        match v {
+            serde_yaml::Value::Number(_) => out.push(path.to_string()),
+            serde_yaml::Value::Sequence(s) if s.iter().all(|x| x.is_number()) && !s.is_empty() => {
+                out.push(path.to_string())
+            }
+            serde_yaml::Value::Mapping(m) => {
+                for (k, x) in m {
+                    let k = k.as_str().unwrap_or_default();
+                    let p = if path.is_empty() {
+                        k.to_string()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    numeric_leaves(x, &p, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Every numeric key of the configuration has a range in `RANGES`, and
+    /// the README's tables state the same range for it.
+    #[test]
+    fn every_numeric_key_has_a_documented_range() {
+        let mut cfg = Config::default();
+        // Optional numeric keys, null by default.
+        cfg.data.long_tail.ts_user = Some(1);
+        cfg.data.long_tail.ts_item = Some(1);
+        cfg.prepare.long_tail.ts_user = Some(1);
+        cfg.prepare.long_tail.ts_item = Some(1);
+        cfg.embed.max_tokens = Some(256);
+        let mut keys = Vec::new();
+        numeric_leaves(&serde_yaml::to_value(&cfg).unwrap(), "", &mut keys);
+        assert!(keys.len() > 20, "{keys:?}");
+        for k in &keys {
+            assert!(
+                RANGES.iter().any(|r| r.key == k),
+                "numeric key `{k}` has no range in limits::RANGES"
+            );
+        }
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"));
+        for r in RANGES {
+            let row = format!("| `{}` |", r.key);
+            let line = readme
+                .lines()
+                .find(|l| l.starts_with(&row))
+                .unwrap_or_else(|| panic!("README has no row for `{}`", r.key));
+            assert!(
+                line.contains(&r.range.to_string()),
+                "README row of `{}` does not state {}: {line}",
+                r.key,
+                r.range
+            );
+        }
+        for r in PLUGIN_RANGES {
+            let name = format!("`{}.{}` ({}", r.section, r.key, r.plugins[0]);
+            let line = readme
+                .lines()
+                .find(|l| l.contains(&name))
+                .unwrap_or_else(|| panic!("README has no row for {name}"));
+            assert!(line.contains(&r.range.to_string()), "{name}: {line}");
+        }
+    }
+
+    #[test]
+    fn oversized_configs_and_alias_bombs_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.yaml");
+        let mut text = String::from("name: big\n");
+        while text.len() <= crate::limits::MAX_CONFIG_BYTES as usize {
+            text.push_str("# padding padding padding padding padding padding padding\n");
+        }
+        std::fs::write(&big, &text).unwrap();
+        let e = Config::load(&big, &[]).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            is_config_error(&e) && msg.contains("larger than 1024 KiB"),
+            "{msg}"
+        );
+        assert!(msg.contains("big.yaml"), "{msg}");
+
+        let bomb = dir.path().join("bomb.yaml");
+        let mut text = String::from("name: bomb\nmodel:\n  encoder:\n    a: &a [");
+        text.push_str(&"1, ".repeat(2000));
+        text.push_str("1]\n    b: [");
+        text.push_str(&"*a, ".repeat(2000));
+        text.push_str("*a]\n");
+        std::fs::write(&bomb, &text).unwrap();
+        let t = std::time::Instant::now();
+        let e = Config::load(&bomb, &[]).unwrap_err();
+        assert!(is_config_error(&e), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("more than 100000 values"),
+            "{e:#}"
+        );
+        assert!(t.elapsed().as_secs() < 5, "{:?}", t.elapsed());
     }
 }

@@ -26,9 +26,40 @@ use llm_esr_runtime::{
     RetrievalSpec,
 };
 
-use crate::config::{plugin_section, Config, Variant};
-use crate::plugin_host::{self, GuardedBackbone, GuardedFusion, GuardedRetrieval};
+use crate::config::{config_error, is_config_error, plugin_section, Config, Variant};
+use crate::plugin_host::{self, BuildRefused, GuardedBackbone, GuardedFusion, GuardedRetrieval};
 use crate::step::StepSettings;
+
+/// A plugin section as JSON, with errors naming the section's key.
+fn section(key: &str, value: &serde_yaml::Value) -> Result<serde_json::Value> {
+    plugin_section(value).map_err(|e| config_error(format!("config key `{key}`: {e:#}")))
+}
+
+/// Loading the plugin named by config key `key`: no plugin of that name is an
+/// error of the key.
+fn named(key: &str, e: anyhow::Error) -> anyhow::Error {
+    if is_config_error(&e) {
+        config_error(format!("config key `{key}`: {e:#}"))
+    } else {
+        e
+    }
+}
+
+/// A plugin's `build` that refused its section `key` is an error of that key
+/// (exit status 2), naming the plugin; a panic stays an ordinary error.
+fn refused(key: &str, kind: &str, plugin: &str, e: anyhow::Error) -> anyhow::Error {
+    let Some(b) = e.downcast_ref::<BuildRefused>() else {
+        return e;
+    };
+    let msg = b.message.trim();
+    if msg.starts_with("config key `") {
+        config_error(format!("{msg} ({kind} plugin `{plugin}`)"))
+    } else {
+        config_error(format!(
+            "config key `{key}` ({kind} plugin `{plugin}`): {msg}"
+        ))
+    }
+}
 
 /// Frozen `E_se` and the trainable adapter that maps it to the hidden size.
 struct SemanticView {
@@ -101,7 +132,9 @@ impl Recommender {
         let co_view = !llmesr || m.co_view;
         let se_view = llmesr && m.se_view;
         if !co_view && !se_view {
-            bail!("config keys `model.co_view` and `model.se_view` are both false: keep at least one view");
+            return Err(config_error(
+                "config keys `model.co_view` and `model.se_view` are both false: keep at least one view",
+            ));
         }
         let store = ParamStore::new(cfg.seed);
         let vb = store.var_builder(device);
@@ -109,12 +142,13 @@ impl Recommender {
             hidden: m.hidden,
             max_len: cfg.data.max_len,
             dropout: m.dropout,
-            config: plugin_section(&m.encoder)?,
+            config: section("model.encoder", &m.encoder)?,
         };
         let load_backbone = |prefix: &str| -> Result<GuardedBackbone> {
-            let plugin = plugin_host::load(plugin_dirs, PluginKind::Backbone, &m.backbone)?;
+            let plugin = plugin_host::load(plugin_dirs, PluginKind::Backbone, &m.backbone)
+                .map_err(|e| named("model.backbone", e))?;
             plugin_host::build_backbone(plugin, &m.backbone, vb.pp(prefix), &spec)
-                .with_context(|| format!("building backbone `{}`", m.backbone))
+                .map_err(|e| refused("model.encoder", "backbone", &m.backbone, e))
         };
         let backbone = load_backbone("backbone")?;
         let backbone_se = if llmesr && co_view && se_view && !m.share_encoder {
@@ -153,25 +187,29 @@ impl Recommender {
             _ => None,
         };
         let fusion = if co_view && se_view {
-            let mut section = plugin_section(&m.fusion_config)?;
+            let mut config = section("model.fusion_config", &m.fusion_config)?;
+            if config.is_null() {
+                config = serde_json::Value::Object(Default::default());
+            }
             if !m.cross_attention {
-                section
+                config
                     .as_object_mut()
-                    .context("`model.fusion_config` must be a mapping")?
+                    .ok_or_else(|| {
+                        config_error("config key `model.fusion_config`: must be a mapping")
+                    })?
                     .insert("enabled".into(), serde_json::Value::Bool(false));
             }
             let spec = FusionSpec {
                 hidden: m.hidden,
                 dropout: m.dropout,
-                config: section,
+                config,
             };
-            let plugin = plugin_host::load(plugin_dirs, PluginKind::Fusion, &m.fusion)?;
-            Some(plugin_host::build_fusion(
-                plugin,
-                &m.fusion,
-                vb.pp("fusion"),
-                &spec,
-            )?)
+            let plugin = plugin_host::load(plugin_dirs, PluginKind::Fusion, &m.fusion)
+                .map_err(|e| named("model.fusion", e))?;
+            Some(
+                plugin_host::build_fusion(plugin, &m.fusion, vb.pp("fusion"), &spec)
+                    .map_err(|e| refused("model.fusion_config", "fusion", &m.fusion, e))?,
+            )
         } else {
             None
         };
@@ -179,10 +217,15 @@ impl Recommender {
             (true, Some(a)) => {
                 let spec = RetrievalSpec {
                     neighbours: a.neighbours.to_device(&Device::Cpu)?,
-                    config: plugin_section(&m.retrieval_config)?,
+                    config: section("model.retrieval_config", &m.retrieval_config)?,
                 };
-                let plugin = plugin_host::load(plugin_dirs, PluginKind::Retrieval, &m.retrieval)?;
-                Some(plugin_host::build_retrieval(plugin, &m.retrieval, &spec)?)
+                let plugin = plugin_host::load(plugin_dirs, PluginKind::Retrieval, &m.retrieval)
+                    .map_err(|e| named("model.retrieval", e))?;
+                Some(
+                    plugin_host::build_retrieval(plugin, &m.retrieval, &spec).map_err(|e| {
+                        refused("model.retrieval_config", "retrieval", &m.retrieval, e)
+                    })?,
+                )
             }
             _ => None,
         };

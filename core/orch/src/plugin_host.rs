@@ -385,13 +385,14 @@ pub fn load(dirs: &[PathBuf], kind: PluginKind, name: &str) -> Result<Plugin> {
     let mut available: Vec<String> = discover(dirs).into_iter().map(|f| f.name).collect();
     available.sort();
     available.dedup();
-    bail!(
+    // A name no plugin file has is an error of the configuration (exit 2).
+    Err(crate::config::config_error(format!(
         "no {} plugin named `{name}`: no file {} in {} (plugin files there: {}). Build it with `cargo build --release --workspace`, or add its directory to `plugins.paths` or {PLUGIN_PATH_ENV}",
         kind.as_str(),
         file_name(name),
         dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
         if available.is_empty() { "none".to_string() } else { available.join(", ") },
-    )
+    )))
 }
 
 /// Inspects one plugin file in a child process: `exe __inspect-plugin PATH`
@@ -609,6 +610,40 @@ fn guarded<T>(plugin: &str, f: impl FnOnce() -> candle::Result<T>) -> candle::Re
     }
 }
 
+/// A plugin's `build` returned an error: it refused its specification (its
+/// configuration section, or the sizes the host gave it). The host reports it
+/// as an error of the plugin's config section (exit status 2); a panic in
+/// `build` stays an ordinary error.
+#[derive(Debug)]
+pub struct BuildRefused {
+    pub plugin: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for BuildRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "plugin `{}`: {}", self.plugin, self.message)
+    }
+}
+
+impl std::error::Error for BuildRefused {}
+
+/// Runs a plugin's `build` under the panic guard: an error it returns becomes
+/// [`BuildRefused`].
+fn build_guarded<T>(plugin: &str, f: impl FnOnce() -> candle::Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(anyhow::Error::new(BuildRefused {
+            plugin: plugin.to_string(),
+            message: e.to_string(),
+        })),
+        Err(payload) => Err(anyhow!(
+            "plugin `{plugin}` panicked: {}",
+            panic_message(payload)
+        )),
+    }
+}
+
 /// A backbone whose calls are protected against panics.
 pub struct GuardedBackbone {
     name: String,
@@ -644,7 +679,7 @@ pub fn build_backbone(
         bail!("`{name}` is not a backbone plugin")
     };
     let factory: &dyn BackbonePlugin = factory.as_ref();
-    let inner = guarded(name, || factory.build(vb, spec)).map_err(|e| anyhow!("{e}"))?;
+    let inner = build_guarded(name, || factory.build(vb, spec))?;
     Ok(GuardedBackbone {
         name: name.to_string(),
         inner,
@@ -687,7 +722,7 @@ pub fn build_fusion(
         bail!("`{name}` is not a fusion plugin")
     };
     let factory: &dyn FusionPlugin = factory.as_ref();
-    let inner = guarded(name, || factory.build(vb, spec)).map_err(|e| anyhow!("{e}"))?;
+    let inner = build_guarded(name, || factory.build(vb, spec))?;
     Ok(GuardedFusion {
         name: name.to_string(),
         inner,
@@ -719,7 +754,7 @@ pub fn build_retrieval(
         bail!("`{name}` is not a retrieval plugin")
     };
     let factory: &dyn RetrievalPlugin = factory.as_ref();
-    let inner = guarded(name, || factory.build(spec)).map_err(|e| anyhow!("{e}"))?;
+    let inner = build_guarded(name, || factory.build(spec))?;
     Ok(GuardedRetrieval {
         name: name.to_string(),
         inner,

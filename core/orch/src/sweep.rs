@@ -70,10 +70,34 @@ fn override_of(key: &str, v: &serde_yaml::Value) -> String {
 
 impl Sweep {
     pub fn load(path: &Path) -> Result<(Sweep, PathBuf)> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read sweep {}", path.display()))?;
+        let text = crate::limits::read_capped(path, "sweep")?;
+        crate::limits::parse_yaml(&text)
+            .map_err(|e| config_error(format!("sweep {}: {e}", path.display())))?;
         let sweep: Sweep = serde_yaml::from_str(&text)
             .map_err(|e| config_error(format!("sweep {}: {e}", path.display())))?;
+        let mut runs = sweep.runs.len();
+        if !sweep.grid.is_empty() {
+            let product = sweep
+                .grid
+                .values()
+                .try_fold(1usize, |n, v| n.checked_mul(v.len()));
+            runs = product
+                .and_then(|p| p.checked_add(runs))
+                .unwrap_or(usize::MAX);
+        }
+        if runs > crate::limits::MAX_SWEEP_RUNS {
+            return Err(config_error(format!(
+                "sweep {}: `grid` and `runs` make {} runs, more than the {} accepted; split the \
+                 sweep",
+                path.display(),
+                if runs == usize::MAX {
+                    "too many".to_string()
+                } else {
+                    runs.to_string()
+                },
+                crate::limits::MAX_SWEEP_RUNS
+            )));
+        }
         let config = path.parent().unwrap_or(Path::new(".")).join(&sweep.config);
         Ok((sweep, config))
     }
@@ -136,6 +160,13 @@ pub fn run(
             Config::load(&config, &overrides).with_context(|| format!("sweep run `{}`", p.name))?;
         configs.push(cfg);
     }
+    // And against their datasets, for the runs still to do.
+    let todo: Vec<Config> = configs
+        .iter()
+        .filter(|c| c.run_dir().is_ok_and(|d| !d.join(train::RESULTS).exists()))
+        .cloned()
+        .collect();
+    crate::preflight::check_all(&todo)?;
     let mut results = Vec::new();
     for (i, cfg) in configs.iter().enumerate() {
         let dir = cfg.run_dir()?;

@@ -89,6 +89,8 @@ pub fn train(
     // Check the inputs before a run directory exists.
     crate::data::check_prepared(&cfg.data_dir()?)?;
     crate::assemble::check_artifacts_dir(cfg)?;
+    // The config against the dataset, the artifacts and memory.
+    crate::preflight::check(cfg)?;
     // Every check comes before the first write: a refused command leaves the
     // run directory as it was.
     let mut run_dir = RunDir::lock(&cfg.run_dir()?, rank0)?;

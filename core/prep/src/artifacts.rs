@@ -32,6 +32,7 @@ use crate::dataset::{Dataset, INTER_FILE, ITEM_TEXT_FILE};
 use crate::encoder::{check_model_dir, SentenceEncoder};
 use crate::fsutil::{sha256_file, with_temp_path, write_json_atomic};
 use crate::import::{import_matrix, ImportSpec};
+use crate::invalid::invalid_config;
 use crate::knn::knn;
 use crate::pca;
 use crate::prompts::{
@@ -49,6 +50,21 @@ pub const PCA_FILE: &str = "pca.safetensors";
 pub const NEIGHBOURS_FILE: &str = "neighbours.safetensors";
 /// Manifest file.
 pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// Largest `embed.batch_size` (texts per encoder batch).
+pub const MAX_EMBED_BATCH: usize = 65_536;
+/// Largest `embed.max_batch_tokens`.
+pub const MAX_BATCH_TOKENS: usize = 1 << 20;
+/// Largest `embed.knn_block` (rows of similarities computed at once).
+pub const MAX_KNN_BLOCK: usize = 65_536;
+/// Largest `embed.pca_dim` (and `model.hidden`).
+pub const MAX_PCA_DIM: usize = 4096;
+/// Largest `embed.neighbours`.
+pub const MAX_NEIGHBOURS: usize = 10_000;
+/// Smallest `embed.max_tokens` ([CLS] text [SEP]).
+pub const MIN_MAX_TOKENS: usize = 3;
+/// Largest `embed.max_tokens`.
+pub const MAX_MAX_TOKENS: usize = 8192;
 
 /// Configuration of [`embed`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -408,21 +424,39 @@ pub fn embed(
     out_dir: &Path,
     force: bool,
 ) -> Result<ArtifactSummary> {
-    // ---- Checks before any work.
-    if cfg.batch_size == 0 {
-        bail!("batch_size must be at least 1");
+    // ---- Checks before any work. Errors of the configuration are
+    // `InvalidConfig` (the orchestrator exits with status 2) and name the key.
+    let bad = |msg: String| invalid_config(msg);
+    let as_config = |e: anyhow::Error| invalid_config(format!("{e:#}"));
+    for (key, value, max) in [
+        ("embed.batch_size", cfg.batch_size, MAX_EMBED_BATCH),
+        (
+            "embed.max_batch_tokens",
+            cfg.max_batch_tokens,
+            MAX_BATCH_TOKENS,
+        ),
+        ("embed.knn_block", cfg.knn_block, MAX_KNN_BLOCK),
+        ("embed.pca_dim", cfg.pca_dim, MAX_PCA_DIM),
+    ] {
+        if value == 0 || value > max {
+            return Err(bad(format!(
+                "config key `{key}`: {value} is outside [1, {max}]"
+            )));
+        }
     }
-    if cfg.max_batch_tokens == 0 {
-        bail!("max_batch_tokens must be at least 1");
-    }
-    if cfg.knn_block == 0 {
-        bail!("knn_block must be at least 1");
+    if let Some(m) = cfg.max_tokens {
+        if !(MIN_MAX_TOKENS..=MAX_MAX_TOKENS).contains(&m) {
+            return Err(bad(format!(
+                "config key `embed.max_tokens`: {m} is outside [{MIN_MAX_TOKENS}, \
+                 {MAX_MAX_TOKENS}] ([CLS] text [SEP] needs 3)"
+            )));
+        }
     }
     let data = Dataset::load(dataset_dir)?;
     let items = data.num_items;
     let users = data.num_users();
-    let item_tpl = Template::parse(&cfg.item_template, "item_template")?;
-    let user_tpl = Template::parse(&cfg.user_template, "user_template")?;
+    let item_tpl = Template::parse(&cfg.item_template, "embed.item_template").map_err(as_config)?;
+    let user_tpl = Template::parse(&cfg.user_template, "embed.user_template").map_err(as_config)?;
     let needs_text = cfg.item_import.is_none() || cfg.user_import.is_none();
     let text = match (&data.item_text, needs_text) {
         (Some(t), _) => Some(t),
@@ -435,32 +469,32 @@ pub fn embed(
     };
     if cfg.item_import.is_none() {
         if let Some(t) = text {
-            check_item_template(&item_tpl, t, "item_template")?;
+            check_item_template(&item_tpl, t, "embed.item_template").map_err(as_config)?;
         }
     }
     if cfg.user_import.is_none() {
-        check_user_template(&user_tpl, "user_template")?;
+        check_user_template(&user_tpl, "embed.user_template").map_err(as_config)?;
         if let Some(t) = text {
             if t.column(&cfg.user_history_column).is_none() {
-                bail!(
-                    "`user_history_column` = `{}` is not a column of {} (columns: {}); set it to \
-                     one of them",
+                return Err(bad(format!(
+                    "config key `embed.user_history_column`: `{}` is not a column of {} \
+                     (columns: {}); set it to one of them",
                     cfg.user_history_column,
                     t.path.display(),
                     t.columns.join(", ")
-                );
+                )));
             }
         }
     }
-    if cfg.pca_dim == 0 {
-        bail!("pca_dim must be at least 1");
-    }
-    if cfg.neighbours == 0 || cfg.neighbours >= users {
-        bail!(
-            "neighbours = {} must be in 1..{users} (the dataset has {users} users); lower \
-             `neighbours`",
-            cfg.neighbours
-        );
+    let most = users.saturating_sub(1).min(MAX_NEIGHBOURS);
+    if cfg.neighbours == 0 || cfg.neighbours > most {
+        return Err(bad(format!(
+            "config key `embed.neighbours`: {} is outside [1, {most}] (at most {MAX_NEIGHBOURS}, \
+             and fewer than the {users} users of the dataset {}: a user is not its own \
+             neighbour); lower `embed.neighbours`",
+            cfg.neighbours,
+            dataset_dir.display()
+        )));
     }
     if items < 2 {
         bail!("PCA needs at least 2 items, the dataset has {items}");
@@ -473,10 +507,33 @@ pub fn embed(
             );
         }
     }
+    // The largest tables of this stage: the neighbour lists (indices and
+    // scores) and a block of kNN similarities.
+    crate::memory::ensure_fits(
+        &format!(
+            "the similar-user lists ({users} users x {} neighbours)",
+            cfg.neighbours
+        ),
+        users as f64 * (cfg.neighbours as f64 * 8.0 + cfg.knn_block.min(users) as f64 * 4.0),
+        "lower `embed.neighbours` or `embed.knn_block`",
+    )?;
     let device = parse_device(&cfg.device)?;
     let needs_model = cfg.item_import.is_none() || cfg.user_import.is_none();
     if needs_model {
         check_model_dir(&cfg.model)?;
+    }
+    if cfg.item_import.is_none() {
+        // PCA keeps at most the encoder's width; say so before encoding.
+        if let Some(width) = crate::encoder::model_width(&cfg.model) {
+            if cfg.pca_dim > width {
+                return Err(bad(format!(
+                    "config key `embed.pca_dim`: {} is outside [1, {width}] (the width of the \
+                     encoder {}); lower `embed.pca_dim` (and `model.hidden`)",
+                    cfg.pca_dim,
+                    cfg.model.display()
+                )));
+            }
+        }
     }
     std::fs::create_dir_all(out_dir)
         .with_context(|| format!("creating artifact directory {}", out_dir.display()))?;
@@ -686,6 +743,14 @@ pub fn embed(
             None => load_tensor(&item_path, "item_emb", &Device::Cpu)?,
         };
         let rows = full.narrow(0, 1, items)?;
+        let width = rows.dim(1)?;
+        if cfg.pca_dim > width {
+            return Err(bad(format!(
+                "config key `embed.pca_dim`: {} is outside [1, {width}] (the width of the item \
+                 embeddings); lower `embed.pca_dim` (and `model.hidden`)",
+                cfg.pca_dim
+            )));
+        }
         let fitted = pca::fit(&rows, cfg.pca_dim)?;
         let projected = prepend_zero_row(&fitted.transform(&rows)?)?;
         explained = fitted.explained_variance_ratio.iter().sum();

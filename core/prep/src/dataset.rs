@@ -126,14 +126,22 @@ impl Dataset {
     /// `dataset.json` when present, else from the largest item id.
     pub fn load(dir: &Path) -> Result<Self> {
         let inter = dir.join(INTER_FILE);
-        let sequences = read_sequences(&inter)?;
-        let max_item = sequences
-            .iter()
-            .flat_map(|s| s.iter().copied())
-            .max()
-            .unwrap_or(0) as usize;
+        let (sequences, ids) = read_sequences_with_ids(&inter)?;
+        let max_item = ids.max_item as usize;
         let num_items = if dir.join(SUMMARY_FILE).exists() {
             let summary = DatasetSummary::load(dir)?;
+            let limit = item_id_limit(ids.distinct_items);
+            if summary.items as u64 > limit {
+                bail!(
+                    "{} says {} items, far more than the {} distinct item ids of {} (at most \
+                     {limit} are accepted, to keep the item tables in memory); run \
+                     `llm-esr-orch prepare CONFIG` to renumber the dataset",
+                    dir.join(SUMMARY_FILE).display(),
+                    summary.items,
+                    ids.distinct_items,
+                    inter.display()
+                );
+            }
             if summary.users != sequences.len() || summary.items < max_item {
                 bail!(
                     "{} says {} users and {} items but {} has {} users and item ids up to {}; \
@@ -192,7 +200,17 @@ pub fn parse_id(field: &str, what: &str, path: &Path, line: usize) -> Result<u64
 pub fn read_inter_pairs(path: &Path) -> Result<Vec<(u64, u64, usize)>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading {} (is the path right?)", path.display()))?;
+    // One (user, item, line) triple per line; refuse before allocating when
+    // that cannot fit.
+    let lines = text.lines().count();
+    let triple = std::mem::size_of::<(u64, u64, usize)>() as f64;
+    crate::memory::ensure_fits(
+        &format!("reading the {lines} lines of {}", path.display()),
+        lines as f64 * triple,
+        "use a machine with more memory or a smaller file",
+    )?;
     let mut out = Vec::new();
+    crate::memory::try_reserve(&mut out, lines, &format!("the lines of {}", path.display()))?;
     for (i, line) in text.lines().enumerate() {
         let lineno = i + 1;
         let line = line.trim();
@@ -220,26 +238,88 @@ pub fn read_inter_pairs(path: &Path) -> Result<Vec<(u64, u64, usize)>> {
     Ok(out)
 }
 
+/// The largest item id accepted in a dataset with `distinct` distinct item
+/// ids: ids may leave gaps (an item table row per id up to the largest), but
+/// not so many that the tables would be mostly empty rows.
+pub fn item_id_limit(distinct: usize) -> u64 {
+    8 * distinct as u64 + 1024
+}
+
+/// Facts about the ids of an `inter.txt`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdStats {
+    /// Number of distinct item ids.
+    pub distinct_items: usize,
+    /// The largest item id.
+    pub max_item: u64,
+}
+
 /// Reads a prepared `inter.txt`: user ids must be exactly 1..=U, item ids >= 1.
+///
+/// Ids index tables, so ids far beyond the number of distinct ids are refused
+/// before anything is sized by them: a user id above the number of lines (user
+/// ids run 1..=U without gaps, each with a line), an item id above
+/// [`item_id_limit`] of the distinct item ids. The error names the file and
+/// line and says to renumber with `llm-esr-orch prepare`.
 pub fn read_sequences(path: &Path) -> Result<Vec<Vec<u32>>> {
+    Ok(read_sequences_with_ids(path)?.0)
+}
+
+/// [`read_sequences`] and the item id facts.
+pub fn read_sequences_with_ids(path: &Path) -> Result<(Vec<Vec<u32>>, IdStats)> {
     let pairs = read_inter_pairs(path)?;
-    let mut seqs: Vec<Vec<u32>> = Vec::new();
-    for (u, i, line) in pairs {
+    if pairs.is_empty() {
+        bail!("{} has no interactions", path.display());
+    }
+    let renumber = "run `llm-esr-orch prepare CONFIG` to renumber the ids to 1..N";
+    let n = pairs.len() as u64;
+    let mut max_user = 0u64;
+    for &(u, i, line) in &pairs {
         if u == 0 || i == 0 || u > u32::MAX as u64 || i > u32::MAX as u64 {
             bail!(
-                "{}:{line}: ids must be in 1..=4294967295 (0 is the padding id); run \
-                 `llm-esr-orch prepare` to remap raw ids",
+                "{}:{line}: ids must be in 1..=4294967295 (0 is the padding id); {renumber}",
                 path.display()
             );
         }
-        let u = u as usize;
-        if u > seqs.len() {
-            seqs.resize_with(u, Vec::new);
+        if u > n {
+            bail!(
+                "{}:{line}: user id {u} is larger than the number of interactions ({n}), so \
+                 user ids do not run 1..=U without gaps as a prepared dataset needs; {renumber}",
+                path.display()
+            );
         }
-        seqs[u - 1].push(i as u32);
+        max_user = max_user.max(u);
     }
-    if seqs.is_empty() {
-        bail!("{} has no interactions", path.display());
+    let mut items: Vec<u32> = Vec::new();
+    crate::memory::try_reserve(&mut items, pairs.len(), "the item ids")?;
+    items.extend(pairs.iter().map(|&(_, i, _)| i as u32));
+    items.sort_unstable();
+    items.dedup();
+    let stats = IdStats {
+        distinct_items: items.len(),
+        max_item: items.last().copied().unwrap_or(0) as u64,
+    };
+    drop(items);
+    let limit = item_id_limit(stats.distinct_items);
+    if stats.max_item > limit {
+        let line = pairs
+            .iter()
+            .find(|p| p.1 == stats.max_item)
+            .map_or(0, |p| p.2);
+        bail!(
+            "{}:{line}: item id {} is far beyond the {} distinct item ids of the file (at most \
+             {limit} are accepted: every id up to the largest gets a row of the item tables); \
+             {renumber}",
+            path.display(),
+            stats.max_item,
+            stats.distinct_items
+        );
+    }
+    let mut seqs: Vec<Vec<u32>> = Vec::new();
+    crate::memory::try_reserve(&mut seqs, max_user as usize, "the user sequences")?;
+    seqs.resize_with(max_user as usize, Vec::new);
+    for (u, i, _) in pairs {
+        seqs[u as usize - 1].push(i as u32);
     }
     if let Some(missing) = seqs.iter().position(|s| s.is_empty()) {
         bail!(
@@ -250,7 +330,7 @@ pub fn read_sequences(path: &Path) -> Result<Vec<Vec<u32>>> {
             seqs.len()
         );
     }
-    Ok(seqs)
+    Ok((seqs, stats))
 }
 
 /// Reads an item text table keyed by numeric ids `1..=num_items`.
@@ -297,4 +377,53 @@ pub fn read_item_text(path: &Path, id_column: &str, num_items: usize) -> Result<
         columns,
         rows,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join(INTER_FILE);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn ids_far_beyond_the_distinct_ids_are_refused_before_allocating() {
+        let dir = std::env::temp_dir().join(format!("llm-esr-ids-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = write(&dir, "1 1\n1 2\n2 3\n2 4000000000\n");
+        let m = format!("{:#}", read_sequences(&p).unwrap_err());
+        assert!(
+            m.contains("inter.txt:4") && m.contains("item id 4000000000") && m.contains("prepare"),
+            "{m}"
+        );
+        let p = write(&dir, "1 1\n4000000000 2\n");
+        let m = format!("{:#}", read_sequences(&p).unwrap_err());
+        assert!(
+            m.contains("inter.txt:2") && m.contains("user id 4000000000"),
+            "{m}"
+        );
+        // Gaps within the limit are accepted (items 1, 2 and 900 -> 900 rows).
+        let p = write(&dir, "1 1\n1 2\n2 900\n2 1\n");
+        let seqs = read_sequences(&p).unwrap();
+        assert_eq!(seqs, vec![vec![1, 2], vec![900, 1]]);
+        // dataset.json cannot claim far more items than the file has.
+        std::fs::write(
+            dir.join(SUMMARY_FILE),
+            r#"{"users": 2, "items": 4000000000, "interactions": 4, "avg_seq_len": 2.0,
+                "min_seq_len": 2, "max_seq_len": 2, "sparsity": 0.5, "text_columns": [],
+                "long_tail": {"item_threshold": 1, "item_rule": "fixed", "user_threshold": 1,
+                "user_rule": "fixed", "head_items": 1, "tail_items": 1, "head_users": 1,
+                "tail_users": 1}, "source": "x", "crate_version": "0"}"#,
+        )
+        .unwrap();
+        let m = format!("{:#}", Dataset::load(&dir).unwrap_err());
+        assert!(
+            m.contains("dataset.json") && m.contains("4000000000 items"),
+            "{m}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

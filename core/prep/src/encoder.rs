@@ -51,6 +51,14 @@ pub fn check_model_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The hidden size of the BERT model in `dir` (`hidden_size` of its
+/// `config.json`), when it can be read.
+pub fn model_width(dir: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("hidden_size")?.as_u64().map(|w| w as usize)
+}
+
 /// A loaded sentence encoder.
 pub struct SentenceEncoder {
     model: BertModel,
@@ -84,13 +92,19 @@ impl SentenceEncoder {
         let limit = config.max_position_embeddings.min(512);
         let max_tokens = match max_tokens {
             None => limit,
-            Some(0) => bail!("max_tokens must be at least 3 ([CLS] text [SEP])"),
-            Some(m) if m > config.max_position_embeddings => bail!(
-                "max_tokens = {m} exceeds the model's max_position_embeddings = {} ({}); lower \
-                 max_tokens",
-                config.max_position_embeddings,
-                config_path.display()
-            ),
+            Some(m) if m < 3 => {
+                return Err(crate::invalid::invalid_config(format!(
+                    "config key `embed.max_tokens`: {m} is below 3 ([CLS] text [SEP])"
+                )))
+            }
+            Some(m) if m > config.max_position_embeddings => {
+                return Err(crate::invalid::invalid_config(format!(
+                    "config key `embed.max_tokens`: {m} exceeds the model's \
+                     max_position_embeddings = {} ({}); lower `embed.max_tokens`",
+                    config.max_position_embeddings,
+                    config_path.display()
+                )))
+            }
             Some(m) => m,
         };
 

@@ -17,8 +17,9 @@
 //! (head/tail groups), [`prompts`] (item and user prompts), [`encoder`] (the
 //! sentence encoder), [`import`] (external vectors), [`pca`], [`knn`],
 //! [`artifacts`] (the embed stage, the manifest and the loader); [`table`],
-//! [`fsutil`] and [`finite`] are helpers (delimited files; atomic writes,
-//! hashes, progress; NaN and infinity checks of loaded tensors).
+//! [`fsutil`], [`finite`], [`memory`] and [`invalid`] are helpers (delimited
+//! files; atomic writes, hashes, progress; NaN and infinity checks of loaded
+//! tensors; available memory; configuration errors).
 
 pub mod artifacts;
 pub mod dataset;
@@ -26,8 +27,10 @@ pub mod encoder;
 pub mod finite;
 pub mod fsutil;
 pub mod import;
+pub mod invalid;
 pub mod knn;
 pub mod long_tail;
+pub mod memory;
 pub mod pca;
 pub mod prepare;
 pub mod prompts;
@@ -37,5 +40,6 @@ pub use artifacts::{embed, ArtifactSummary, Artifacts, EmbedConfig, Manifest};
 pub use dataset::{train_part, Dataset, DatasetSummary, ItemText};
 pub use encoder::SentenceEncoder;
 pub use import::ImportSpec;
+pub use invalid::{invalid_config, is_invalid_config, InvalidConfig};
 pub use long_tail::{long_tail, LongTail, LongTailConfig, LongTailSummary, TestUserLength};
 pub use prepare::{prepare, InputFormat, KCore, PrepareConfig};

@@ -135,7 +135,9 @@ pub fn long_tail(
 ) -> Result<LongTail> {
     if let Some(p) = cfg.pareto {
         if !(p > 0.0 && p <= 1.0) {
-            bail!("long_tail.pareto must be in (0, 1], got {p}; the paper uses 0.2");
+            return Err(crate::invalid::invalid_config(format!(
+                "long_tail.pareto must be in (0, 1], got {p}; the paper uses 0.2"
+            )));
         }
     }
     let mut popularity = vec![0u32; num_items + 1];
@@ -212,7 +214,9 @@ fn threshold(
         return Ok((t, ThresholdRule::Fixed));
     }
     let Some(p) = pareto else {
-        bail!("long_tail: set `pareto` (e.g. 0.2) or `{key}`");
+        return Err(crate::invalid::invalid_config(format!(
+            "long_tail: set `pareto` (e.g. 0.2) or `{key}`"
+        )));
     };
     if values.is_empty() {
         return Ok((0, ThresholdRule::Pareto(p)));

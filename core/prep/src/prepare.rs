@@ -191,11 +191,11 @@ pub fn prepare(cfg: &PrepareConfig, out_dir: &Path) -> Result<DatasetSummary> {
     }
 
     if cfg.long_tail.test_users_by != TestUserLength::TrainLength {
-        bail!(
-            "`prepare.long_tail.test_users_by` has no effect on `prepare` (dataset.json \
-             records training-length thresholds); set `data.long_tail.test_users_by` for the \
-             test report of `train`"
-        );
+        return Err(crate::invalid::invalid_config(
+            "config key `prepare.long_tail.test_users_by`: has no effect on `prepare` \
+             (dataset.json records training-length thresholds); set \
+             `data.long_tail.test_users_by` for the test report of `train`",
+        ));
     }
 
     // 1. Raw interactions, in file order.
