@@ -336,3 +336,13 @@ fn a_resume_drops_epoch_lines_the_checkpoint_does_not_hold() {
     assert_eq!(epochs, vec![1, 2]);
     assert!(!std::fs::read_to_string(&metrics).unwrap().contains("9.0"));
 }
+
+#[test]
+fn zero_epochs_is_an_error_not_a_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = train(tmp.path(), "zero", &["train.epochs=0"], &[]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("config key `train.epochs`"), "{err}");
+    assert!(!tmp.path().join("zero").exists());
+}

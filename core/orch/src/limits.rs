@@ -174,7 +174,7 @@ pub const RANGES: &[KeyRange] = &[
     key("model.hidden", Range::closed(1.0, MAX_HIDDEN)),
     key("model.dropout", Range::below(0.0, 1.0)),
     key("model.alpha", Range::at_least(0.0)),
-    key("train.epochs", Range::at_least(0.0)),
+    key("train.epochs", Range::at_least(1.0)),
     key("train.batch_size", Range::closed(1.0, MAX_BATCH)),
     key("train.lr", Range::positive_from(0.0)),
     key("train.adam_betas", Range::below(0.0, 1.0)),

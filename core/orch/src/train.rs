@@ -437,11 +437,15 @@ impl Run<'_> {
 
     fn finish(&self, state: &TrainState, seconds: f64) -> Result<serde_json::Value> {
         let best = self.run_dir.join(BEST);
-        if best.exists() {
-            checkpoint::load_params(&best, &self.vars)?;
-        } else {
-            warn!("no best model was saved (no epoch ran); testing the current parameters");
+        if !best.exists() {
+            // Never score untrained parameters as a result.
+            bail!(
+                "{} is missing: no epoch finished, so there is nothing to test (no results.json \
+                 was written)",
+                best.display()
+            );
         }
+        checkpoint::load_params(&best, &self.vars)?;
         let valid = self.evaluate(Split::Valid)?;
         let test = self.evaluate(Split::Test)?;
         let results = json!({
