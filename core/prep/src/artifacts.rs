@@ -123,25 +123,6 @@ impl Default for EmbedConfig {
     }
 }
 
-/// Parses `cpu`, `cuda`, `cuda:N`.
-pub fn parse_device(s: &str) -> Result<Device> {
-    let s = s.trim();
-    if s == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let ordinal = if s == "cuda" {
-        0
-    } else if let Some(n) = s.strip_prefix("cuda:") {
-        n.parse::<usize>()
-            .map_err(|_| anyhow::anyhow!("device `{s}`: expected cpu, cuda or cuda:N"))?
-    } else {
-        bail!("device `{s}`: expected cpu, cuda or cuda:N");
-    };
-    Device::new_cuda(ordinal).with_context(|| {
-        format!("device `{s}`: CUDA is unavailable (build with the `cuda` feature) ")
-    })
-}
-
 /// The model recorded in the manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelInfo {
@@ -517,7 +498,7 @@ pub fn embed(
         users as f64 * (cfg.neighbours as f64 * 8.0 + cfg.knn_block.min(users) as f64 * 4.0),
         "lower `embed.neighbours` or `embed.knn_block`",
     )?;
-    let device = parse_device(&cfg.device)?;
+    let device = crate::device::parse_device(&cfg.device, 0, "embed.device")?;
     let needs_model = cfg.item_import.is_none() || cfg.user_import.is_none();
     if needs_model {
         check_model_dir(&cfg.model)?;

@@ -17,12 +17,14 @@
 //! [`long_tail`] (head/tail groups), [`prompts`] (item and user prompts),
 //! [`encoder`] (the sentence encoder), [`import`] (external vectors), [`pca`],
 //! [`knn`], [`artifacts`] (the embed stage, the manifest and the loader);
-//! [`table`], [`fsutil`], [`finite`], [`memory`] and [`invalid`] are helpers
-//! (delimited files; atomic writes, hashes, progress; NaN and infinity checks
-//! of loaded tensors; available memory; configuration errors).
+//! [`table`], [`fsutil`], [`device`], [`finite`], [`memory`] and [`invalid`]
+//! are helpers (delimited files; atomic writes, hashes, progress bars; the
+//! `cpu`/`cuda`/`cuda:N` device of a config key; NaN and infinity checks of
+//! loaded tensors; available memory; configuration errors).
 
 pub mod artifacts;
 pub mod dataset;
+pub mod device;
 pub mod encoder;
 pub mod finite;
 pub mod fsutil;
@@ -39,6 +41,7 @@ pub mod table;
 
 pub use artifacts::{embed, ArtifactSummary, Artifacts, EmbedConfig, Manifest};
 pub use dataset::{Dataset, DatasetSummary, ItemText};
+pub use device::parse_device;
 pub use encoder::SentenceEncoder;
 pub use import::ImportSpec;
 pub use invalid::{invalid_config, is_invalid_config, InvalidConfig};
