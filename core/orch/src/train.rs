@@ -49,20 +49,6 @@ pub(crate) enum StepOutcome {
     NonFinite(String),
 }
 
-pub fn parse_device(spec: &str, local_rank: usize) -> Result<Device> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(local_rank).context(
-            "train.device = cuda: this binary has no CUDA support or no GPU is visible (build with `--features cuda` on a machine with the CUDA toolkit)",
-        ),
-        s if s.starts_with("cuda:") => {
-            let n: usize = s[5..].parse().context("train.device: expected cuda:N")?;
-            Device::new_cuda(n).context("train.device: cannot open that GPU (or no CUDA support in this build)")
-        }
-        other => bail!("config key `train.device`: unknown device `{other}` (use cpu, cuda or cuda:N)"),
-    }
-}
-
 /// Everything one run holds.
 pub(crate) struct Run<'a> {
     cfg: &'a Config,
@@ -125,7 +111,11 @@ pub fn train(
 impl<'a> Run<'a> {
     /// Loads the dataset, long-tail groups, artifacts and model of `cfg`.
     pub(crate) fn new(cfg: &'a Config, comm: &'a dyn Communicator) -> Result<Run<'a>> {
-        let device = parse_device(&cfg.train.device, comm.local_rank())?;
+        let device = llm_esr_prep::device::parse_device(
+            &cfg.train.device,
+            comm.local_rank(),
+            "train.device",
+        )?;
         let ds = Dataset::load(&cfg.data_dir()?)?;
         if ds.eval_users().is_empty() {
             return Err(config_error(format!(

@@ -1,5 +1,5 @@
 //! Reading a prepared dataset directory (`inter.txt`, `item_text.tsv`,
-//! `dataset.json`) and the leave-one-out split convention.
+//! `dataset.json`). The leave-one-out split convention is [`crate::split`].
 
 use std::path::{Path, PathBuf};
 
@@ -19,17 +19,6 @@ pub const SUMMARY_FILE: &str = "dataset.json";
 pub const USER_MAP_FILE: &str = "user_map.tsv";
 /// `new id \t original id` for items.
 pub const ITEM_MAP_FILE: &str = "item_map.tsv";
-
-/// The training part of a sequence under the leave-one-out split, exactly as the
-/// official code: `seq[:-2]` when the sequence has at least 3 items, otherwise
-/// the whole sequence (such a user has no validation or test target).
-pub fn train_part(seq: &[u32]) -> &[u32] {
-    if seq.len() >= 3 {
-        &seq[..seq.len() - 2]
-    } else {
-        seq
-    }
-}
 
 /// Statistics of a prepared dataset, saved as `dataset.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

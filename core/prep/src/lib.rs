@@ -13,16 +13,18 @@
 //! no downloads). candle comes through `llm-esr-runtime`.
 //!
 //! One module per concern: [`prepare`] (raw files -> dataset), [`dataset`]
-//! (reading a prepared dataset, the leave-one-out split), [`long_tail`]
-//! (head/tail groups), [`prompts`] (item and user prompts), [`encoder`] (the
-//! sentence encoder), [`import`] (external vectors), [`pca`], [`knn`],
-//! [`artifacts`] (the embed stage, the manifest and the loader); [`table`],
-//! [`fsutil`], [`finite`], [`memory`] and [`invalid`] are helpers (delimited
-//! files; atomic writes, hashes, progress; NaN and infinity checks of loaded
-//! tensors; available memory; configuration errors).
+//! (reading a prepared dataset), [`split`] (the leave-one-out split),
+//! [`long_tail`] (head/tail groups), [`prompts`] (item and user prompts),
+//! [`encoder`] (the sentence encoder), [`import`] (external vectors), [`pca`],
+//! [`knn`], [`artifacts`] (the embed stage, the manifest and the loader);
+//! [`table`], [`fsutil`], [`device`], [`finite`], [`memory`] and [`invalid`]
+//! are helpers (delimited files; atomic writes, hashes, progress bars; the
+//! `cpu`/`cuda`/`cuda:N` device of a config key; NaN and infinity checks of
+//! loaded tensors; available memory; configuration errors).
 
 pub mod artifacts;
 pub mod dataset;
+pub mod device;
 pub mod encoder;
 pub mod finite;
 pub mod fsutil;
@@ -34,12 +36,15 @@ pub mod memory;
 pub mod pca;
 pub mod prepare;
 pub mod prompts;
+pub mod split;
 pub mod table;
 
 pub use artifacts::{embed, ArtifactSummary, Artifacts, EmbedConfig, Manifest};
-pub use dataset::{train_part, Dataset, DatasetSummary, ItemText};
+pub use dataset::{Dataset, DatasetSummary, ItemText};
+pub use device::parse_device;
 pub use encoder::SentenceEncoder;
 pub use import::ImportSpec;
 pub use invalid::{invalid_config, is_invalid_config, InvalidConfig};
 pub use long_tail::{long_tail, LongTail, LongTailConfig, LongTailSummary, TestUserLength};
 pub use prepare::{prepare, InputFormat, KCore, PrepareConfig};
+pub use split::train_part;

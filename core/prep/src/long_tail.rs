@@ -7,7 +7,7 @@
 //!   official `get_item_pop` (`pop[items] += 1` on a numpy array counts each
 //!   user once per item);
 //! - user length = the length of the training part `seq[:-2]` (the whole sequence
-//!   when it has fewer than 3 items, see [`crate::dataset::train_part`]);
+//!   when it has fewer than 3 items, see [`crate::split::train_part`]);
 //! - a value is **head** when it is `>=` its threshold and **tail** when it is
 //!   `<` the threshold. This is the official rule: `metric_pop_report` counts an
 //!   item as tail when `pop < ts_item` and `metric_len_report` a user as short
@@ -26,7 +26,7 @@
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::train_part;
+use crate::split::train_part;
 
 /// How the long-tail thresholds are chosen.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

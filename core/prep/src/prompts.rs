@@ -23,7 +23,8 @@
 
 use anyhow::{bail, Result};
 
-use crate::dataset::{train_part, ItemText};
+use crate::dataset::ItemText;
+use crate::split::train_part;
 
 /// Default item template (see the module docs).
 pub const DEFAULT_ITEM_TEMPLATE: &str = "The item has following attributes: name is {title}.";
