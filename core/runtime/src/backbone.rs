@@ -65,6 +65,35 @@ pub trait BackbonePlugin: Send + Sync {
     fn build(&self, vb: VarBuilder, spec: &BackboneSpec) -> Result<Box<dyn Backbone>>;
 }
 
+impl BackboneSpec {
+    /// The config key of a backbone's own section.
+    pub const SECTION: &'static str = "model.encoder";
+}
+
+/// The factory of a backbone that is a `Config` and a `load`: parses
+/// [`BackboneSpec::config`] into `C` (errors name `model.encoder`), then calls
+/// `load`. `export_plugin!(backbone, "name", load = Model::load)` exports one.
+pub struct BackboneFactory<C, B> {
+    load: fn(VarBuilder, &BackboneSpec, C) -> Result<B>,
+}
+
+impl<C, B> BackboneFactory<C, B> {
+    pub const fn new(load: fn(VarBuilder, &BackboneSpec, C) -> Result<B>) -> Self {
+        BackboneFactory { load }
+    }
+}
+
+impl<C, B> BackbonePlugin for BackboneFactory<C, B>
+where
+    C: serde::de::DeserializeOwned,
+    B: Backbone + 'static,
+{
+    fn build(&self, vb: VarBuilder, spec: &BackboneSpec) -> Result<Box<dyn Backbone>> {
+        let cfg = crate::parse_plugin_config(BackboneSpec::SECTION, &spec.config)?;
+        Ok(Box::new((self.load)(vb, spec, cfg)?))
+    }
+}
+
 /// Checks a backbone's inputs: `items` (b, l, `hidden`) with l <= `max_len`
 /// and `mask` (b, l). Returns (b, l, d); errors name the plugin.
 pub fn check_input(

@@ -34,3 +34,31 @@ pub trait Fusion: Send + Sync {
 pub trait FusionPlugin: Send + Sync {
     fn build(&self, vb: VarBuilder, spec: &FusionSpec) -> Result<Box<dyn Fusion>>;
 }
+
+impl FusionSpec {
+    /// The config key of a fusion's own section.
+    pub const SECTION: &'static str = "model.fusion_config";
+}
+
+/// The factory of a fusion that is a `Config` and a `load` (see
+/// [`crate::backbone::BackboneFactory`]); errors name `model.fusion_config`.
+pub struct FusionFactory<C, F> {
+    load: fn(VarBuilder, &FusionSpec, C) -> Result<F>,
+}
+
+impl<C, F> FusionFactory<C, F> {
+    pub const fn new(load: fn(VarBuilder, &FusionSpec, C) -> Result<F>) -> Self {
+        FusionFactory { load }
+    }
+}
+
+impl<C, F> FusionPlugin for FusionFactory<C, F>
+where
+    C: serde::de::DeserializeOwned,
+    F: Fusion + 'static,
+{
+    fn build(&self, vb: VarBuilder, spec: &FusionSpec) -> Result<Box<dyn Fusion>> {
+        let cfg = crate::parse_plugin_config(FusionSpec::SECTION, &spec.config)?;
+        Ok(Box::new((self.load)(vb, spec, cfg)?))
+    }
+}

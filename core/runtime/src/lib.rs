@@ -7,8 +7,9 @@
 //! the only crate of the workspace that depends on candle. The host binary and
 //! every plugin (`cdylib`) link it dynamically (`-C prefer-dynamic`).
 //!
-//! What lives here: the plugin traits ([`backbone`], [`fusion`], [`retrieval`]),
-//! the ABI declaration that the host checks before trusting a plugin ([`abi`]),
+//! What lives here: the plugin traits ([`backbone`], [`fusion`], [`retrieval`])
+//! with the generic factories that `export_plugin!` builds, the ABI
+//! declaration that the host checks before trusting a plugin ([`abi`]),
 //! a seeded random number generator ([`rng`]), a seeded parameter store
 //! ([`params`]) and differentiable building blocks ([`ops`]). What does not: data
 //! handling, training, evaluation, distribution; those belong to the orchestrator.
@@ -30,9 +31,9 @@ pub mod testing;
 pub mod transformer;
 
 pub use abi::{Plugin, PluginDeclaration, PluginKind};
-pub use backbone::{Backbone, BackbonePlugin, BackboneSpec, Objective};
-pub use fusion::{Fusion, FusionPlugin, FusionSpec};
-pub use retrieval::{Retrieval, RetrievalPlugin, RetrievalSpec};
+pub use backbone::{Backbone, BackboneFactory, BackbonePlugin, BackboneSpec, Objective};
+pub use fusion::{Fusion, FusionFactory, FusionPlugin, FusionSpec};
+pub use retrieval::{Retrieval, RetrievalFactory, RetrievalPlugin, RetrievalSpec};
 pub use rng::Rng;
 
 /// Everything a forward pass needs besides its inputs: the mode and the seeded

@@ -26,9 +26,7 @@ use llm_esr_runtime::candle_nn::{Init, VarBuilder};
 use llm_esr_runtime::ops;
 use llm_esr_runtime::serde::Deserialize;
 use llm_esr_runtime::transformer::{Attention, EncoderConfig, TransformerEncoder};
-use llm_esr_runtime::{
-    export_plugin, Backbone, BackbonePlugin, BackboneSpec, ForwardCtx, Objective, Plugin,
-};
+use llm_esr_runtime::{export_plugin, Backbone, BackboneSpec, ForwardCtx, Objective};
 
 /// How positions are numbered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -166,20 +164,7 @@ impl Backbone for Bert4Rec {
     }
 }
 
-pub struct Bert4RecPlugin;
-
-impl BackbonePlugin for Bert4RecPlugin {
-    fn build(&self, vb: VarBuilder, spec: &BackboneSpec) -> Result<Box<dyn Backbone>> {
-        let cfg: Config = llm_esr_runtime::parse_plugin_config("model.encoder", &spec.config)?;
-        Ok(Box::new(Bert4Rec::load(vb, spec, cfg)?))
-    }
-}
-
-fn create() -> Plugin {
-    Plugin::Backbone(Box::new(Bert4RecPlugin))
-}
-
-export_plugin!(backbone, "bert4rec", create);
+export_plugin!(backbone, "bert4rec", load = Bert4Rec::load);
 
 #[cfg(test)]
 mod tests {
@@ -187,7 +172,7 @@ mod tests {
     use llm_esr_runtime::candle::{Device, D};
     use llm_esr_runtime::params::{params_without_gradient, ParamStore};
     use llm_esr_runtime::serde_json::json;
-    use llm_esr_runtime::{testing, Rng};
+    use llm_esr_runtime::{testing, BackboneFactory, BackbonePlugin, Rng};
 
     const D_MODEL: usize = 8;
     const MAX_LEN: usize = 12;
@@ -206,7 +191,7 @@ mod tests {
         config: llm_esr_runtime::serde_json::Value,
     ) -> (ParamStore, Box<dyn Backbone>) {
         let store = ParamStore::new(seed);
-        let model = Bert4RecPlugin
+        let model = BackboneFactory::new(Bert4Rec::load)
             .build(store.var_builder(&Device::Cpu), &spec(config))
             .unwrap();
         (store, model)
@@ -244,7 +229,7 @@ mod tests {
             "{err}"
         );
         let store = ParamStore::new(0);
-        let err = Bert4RecPlugin
+        let err = BackboneFactory::new(Bert4Rec::load)
             .build(
                 store.var_builder(&Device::Cpu),
                 &spec(json!({"mask_prob": 1.5})),

@@ -23,7 +23,7 @@ use llm_esr_runtime::candle::{Module, Result, Tensor, D};
 use llm_esr_runtime::candle_nn::{Linear, VarBuilder};
 use llm_esr_runtime::params::xavier_normal;
 use llm_esr_runtime::serde::Deserialize;
-use llm_esr_runtime::{export_plugin, ops, ForwardCtx, Fusion, FusionPlugin, FusionSpec, Plugin};
+use llm_esr_runtime::{export_plugin, ops, ForwardCtx, Fusion, FusionSpec};
 
 /// `model.fusion_config` for the cross-attention fusion.
 #[derive(Debug, Clone, Deserialize)]
@@ -168,21 +168,7 @@ impl Fusion for CrossAttentionFusion {
     }
 }
 
-pub struct CrossAttentionPlugin;
-
-impl FusionPlugin for CrossAttentionPlugin {
-    fn build(&self, vb: VarBuilder, spec: &FusionSpec) -> Result<Box<dyn Fusion>> {
-        let cfg: Config =
-            llm_esr_runtime::parse_plugin_config("model.fusion_config", &spec.config)?;
-        Ok(Box::new(CrossAttentionFusion::load(vb, spec, cfg)?))
-    }
-}
-
-fn create() -> Plugin {
-    Plugin::Fusion(Box::new(CrossAttentionPlugin))
-}
-
-export_plugin!(fusion, "cross-attention", create);
+export_plugin!(fusion, "cross-attention", load = CrossAttentionFusion::load);
 
 #[cfg(test)]
 mod tests {
@@ -190,7 +176,7 @@ mod tests {
     use llm_esr_runtime::candle::{DType, Device};
     use llm_esr_runtime::params::{params_without_gradient, ParamStore};
     use llm_esr_runtime::serde_json::{json, Value};
-    use llm_esr_runtime::Rng;
+    use llm_esr_runtime::{FusionFactory, FusionPlugin, Rng};
 
     fn spec(hidden: usize, config: Value) -> FusionSpec {
         FusionSpec {
@@ -202,7 +188,7 @@ mod tests {
 
     fn build(seed: u64, hidden: usize, config: Value) -> (ParamStore, Box<dyn Fusion>) {
         let store = ParamStore::new(seed);
-        let fusion = CrossAttentionPlugin
+        let fusion = FusionFactory::new(CrossAttentionFusion::load)
             .build(store.var_builder(&Device::Cpu), &spec(hidden, config))
             .unwrap();
         (store, fusion)
@@ -303,7 +289,7 @@ mod tests {
             "{err}"
         );
         let store = ParamStore::new(0);
-        let err = CrossAttentionPlugin
+        let err = FusionFactory::new(CrossAttentionFusion::load)
             .build(
                 store.var_builder(&Device::Cpu),
                 &spec(6, json!({"heads": 4})),

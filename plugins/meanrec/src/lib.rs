@@ -6,10 +6,7 @@ use llm_esr_runtime::candle::{Module, Result, Tensor, D};
 use llm_esr_runtime::candle_nn::{Linear, VarBuilder};
 use llm_esr_runtime::ops::{self, LayerNorm};
 use llm_esr_runtime::serde::Deserialize;
-use llm_esr_runtime::{
-    export_plugin, parse_plugin_config, Backbone, BackbonePlugin, BackboneSpec, ForwardCtx,
-    Objective, Plugin,
-};
+use llm_esr_runtime::{export_plugin, Backbone, BackboneSpec, ForwardCtx, Objective};
 
 /// `model.encoder` for MeanRec.
 #[derive(Debug, Clone, Deserialize)]
@@ -71,27 +68,16 @@ impl Backbone for MeanRec {
     }
 }
 
-pub struct MeanRecPlugin;
-
-impl BackbonePlugin for MeanRecPlugin {
-    fn build(&self, vb: VarBuilder, spec: &BackboneSpec) -> Result<Box<dyn Backbone>> {
-        let cfg: Config = parse_plugin_config("model.encoder", &spec.config)?;
-        Ok(Box::new(MeanRec::load(vb, spec, cfg)?))
-    }
-}
-
-fn create() -> Plugin {
-    Plugin::Backbone(Box::new(MeanRecPlugin))
-}
-
-export_plugin!(backbone, "meanrec", create);
+// The factory, `create` and the declaration: parses `model.encoder` into
+// `Config` and calls `MeanRec::load`.
+export_plugin!(backbone, "meanrec", load = MeanRec::load);
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use llm_esr_runtime::candle::Device;
     use llm_esr_runtime::params::{params_without_gradient, ParamStore};
-    use llm_esr_runtime::{testing, Rng};
+    use llm_esr_runtime::{testing, BackboneFactory, BackbonePlugin, Rng};
 
     fn build(store: &ParamStore) -> Result<Box<dyn Backbone>> {
         let spec = BackboneSpec {
@@ -100,7 +86,7 @@ mod tests {
             dropout: 0.1,
             config: llm_esr_runtime::serde_json::Value::Null, // = all defaults
         };
-        MeanRecPlugin.build(store.var_builder(&Device::Cpu), &spec)
+        BackboneFactory::new(MeanRec::load).build(store.var_builder(&Device::Cpu), &spec)
     }
 
     #[test]

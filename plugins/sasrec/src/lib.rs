@@ -19,9 +19,7 @@ use llm_esr_runtime::candle_nn::{Init, VarBuilder};
 use llm_esr_runtime::ops;
 use llm_esr_runtime::serde::Deserialize;
 use llm_esr_runtime::transformer::{Attention, EncoderConfig, TransformerEncoder};
-use llm_esr_runtime::{
-    export_plugin, Backbone, BackbonePlugin, BackboneSpec, ForwardCtx, Objective, Plugin,
-};
+use llm_esr_runtime::{export_plugin, Backbone, BackboneSpec, ForwardCtx, Objective};
 
 /// `model.encoder` for SASRec.
 #[derive(Debug, Clone, Deserialize)]
@@ -107,17 +105,4 @@ impl Backbone for SasRec {
     }
 }
 
-pub struct SasRecPlugin;
-
-impl BackbonePlugin for SasRecPlugin {
-    fn build(&self, vb: VarBuilder, spec: &BackboneSpec) -> Result<Box<dyn Backbone>> {
-        let cfg: Config = llm_esr_runtime::parse_plugin_config("model.encoder", &spec.config)?;
-        Ok(Box::new(SasRec::load(vb, spec, cfg)?))
-    }
-}
-
-fn create() -> Plugin {
-    Plugin::Backbone(Box::new(SasRecPlugin))
-}
-
-export_plugin!(backbone, "sasrec", create);
+export_plugin!(backbone, "sasrec", load = SasRec::load);
