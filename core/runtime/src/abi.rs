@@ -13,9 +13,12 @@ use std::ffi::{c_char, CStr};
 
 use crate::{BackbonePlugin, FusionPlugin, RetrievalPlugin};
 
-/// Bumped whenever [`PluginDeclaration`]'s layout changes. Every layout must
-/// keep this version as a `u32` at offset 0.
-pub const ABI_VERSION: u32 = 1;
+/// Bumped whenever [`PluginDeclaration`]'s layout or the plugin API (the
+/// traits and specs that cross the boundary) changes incompatibly. Every
+/// layout must keep this version as a `u32` at offset 0. The history is in
+/// docs/plugins.md: 1 the first; 2 objectives as `TrainingObjective` trait
+/// objects instead of the `Objective` enum.
+pub const ABI_VERSION: u32 = 2;
 
 /// Hash of this runtime's sources, lock file, compiler, flags, profile and features.
 pub const FINGERPRINT: &str = env!("LLM_ESR_RUNTIME_FINGERPRINT");

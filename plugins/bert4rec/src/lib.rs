@@ -3,9 +3,9 @@
 //! scaled by sqrt(d), plus a learned positional embedding, then dropout, then the
 //! pre-LN transformer stack of [`llm_esr_runtime::transformer`] (eps 1e-8,
 //! Xavier-normal weights) attending in both directions. Its objective is the
-//! cloze task ([`Objective::Cloze`]): the host replaces items by the mask token
-//! with probability `mask_prob` and computes the loss at the masked positions;
-//! this crate only encodes.
+//! cloze task ([`Cloze`], built into the runtime): items are replaced by the
+//! mask token with probability `mask_prob` and the loss is computed at the
+//! masked positions; this crate only encodes.
 //!
 //! Differences from the official code, all switchable:
 //! - the official encoder applies no key padding mask (padding keys take part in
@@ -26,7 +26,9 @@ use llm_esr_runtime::candle_nn::{Init, VarBuilder};
 use llm_esr_runtime::ops;
 use llm_esr_runtime::serde::Deserialize;
 use llm_esr_runtime::transformer::{Attention, EncoderConfig, TransformerEncoder};
-use llm_esr_runtime::{export_plugin, Backbone, BackboneSpec, ForwardCtx, Objective};
+use llm_esr_runtime::{
+    export_plugin, Backbone, BackboneSpec, Cloze, ForwardCtx, TrainingObjective,
+};
 
 /// How positions are numbered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -157,10 +159,10 @@ impl Backbone for Bert4Rec {
         self.encoder.forward(x, mask, ctx)
     }
 
-    fn objective(&self) -> Objective {
-        Objective::Cloze {
+    fn objective(&self) -> Box<dyn TrainingObjective> {
+        Box::new(Cloze {
             mask_prob: self.mask_prob,
-        }
+        })
     }
 }
 
@@ -243,9 +245,11 @@ mod tests {
     #[test]
     fn objective_is_cloze() {
         let (_, model) = build(1, json!({"mask_prob": 0.3}));
-        assert_eq!(model.objective(), Objective::Cloze { mask_prob: 0.3 });
+        assert_eq!(model.objective().describe(), "cloze (mask_prob 0.3)");
+        assert_eq!(model.objective().copies(), 2);
+        assert!(model.objective().needs_mask_token());
         let (_, model) = build(1, json!(null));
-        assert_eq!(model.objective(), Objective::Cloze { mask_prob: 0.6 });
+        assert_eq!(model.objective().describe(), "cloze (mask_prob 0.6)");
     }
 
     #[test]

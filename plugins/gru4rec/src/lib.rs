@@ -30,7 +30,9 @@ use llm_esr_runtime::candle::{Result, Tensor, D};
 use llm_esr_runtime::candle_nn::VarBuilder;
 use llm_esr_runtime::params::xavier_normal;
 use llm_esr_runtime::serde::Deserialize;
-use llm_esr_runtime::{export_plugin, Backbone, BackboneSpec, ForwardCtx, Objective};
+use llm_esr_runtime::{
+    export_plugin, Backbone, BackboneSpec, ForwardCtx, NextItem, TrainingObjective,
+};
 
 /// `model.encoder` for GRU4Rec.
 #[derive(Debug, Clone, Deserialize)]
@@ -159,8 +161,9 @@ impl Backbone for Gru4Rec {
         x.broadcast_mul(&keep)
     }
 
-    fn objective(&self) -> Objective {
-        Objective::LastPosition
+    /// Next item at the last position only, as the official GRU4Rec.
+    fn objective(&self) -> Box<dyn TrainingObjective> {
+        Box::new(NextItem::last_position())
     }
 }
 
@@ -255,7 +258,10 @@ mod tests {
     #[test]
     fn objective_and_parameters() {
         let (store, model) = build(1, json!({"layers": 2}));
-        assert_eq!(model.objective(), Objective::LastPosition);
+        assert_eq!(
+            model.objective().describe(),
+            NextItem::last_position().describe()
+        );
         let names: Vec<String> = store.vars().into_iter().map(|(n, _)| n).collect();
         assert_eq!(
             names,

@@ -6,7 +6,9 @@ use llm_esr_runtime::candle::{Module, Result, Tensor, D};
 use llm_esr_runtime::candle_nn::{Linear, VarBuilder};
 use llm_esr_runtime::ops::{self, LayerNorm};
 use llm_esr_runtime::serde::Deserialize;
-use llm_esr_runtime::{export_plugin, Backbone, BackboneSpec, ForwardCtx, Objective};
+use llm_esr_runtime::{
+    export_plugin, Backbone, BackboneSpec, ForwardCtx, NextItem, TrainingObjective,
+};
 
 /// `model.encoder` for MeanRec.
 #[derive(Debug, Clone, Deserialize)]
@@ -63,8 +65,9 @@ impl Backbone for MeanRec {
         h.broadcast_mul(&keep) // zero rows at padding
     }
 
-    fn objective(&self) -> Objective {
-        Objective::AllPositions
+    fn objective(&self) -> Box<dyn TrainingObjective> {
+        // Next item at every position, built into the runtime.
+        Box::new(NextItem::all_positions())
     }
 }
 

@@ -19,7 +19,9 @@ use llm_esr_runtime::candle_nn::{Init, VarBuilder};
 use llm_esr_runtime::ops;
 use llm_esr_runtime::serde::Deserialize;
 use llm_esr_runtime::transformer::{Attention, EncoderConfig, TransformerEncoder};
-use llm_esr_runtime::{export_plugin, Backbone, BackboneSpec, ForwardCtx, Objective};
+use llm_esr_runtime::{
+    export_plugin, Backbone, BackboneSpec, ForwardCtx, NextItem, TrainingObjective,
+};
 
 /// `model.encoder` for SASRec.
 #[derive(Debug, Clone, Deserialize)]
@@ -100,8 +102,9 @@ impl Backbone for SasRec {
         self.encoder.forward(x, mask, ctx)
     }
 
-    fn objective(&self) -> Objective {
-        Objective::AllPositions
+    /// Next item at every position (the encoder is causal by default).
+    fn objective(&self) -> Box<dyn TrainingObjective> {
+        Box::new(NextItem::all_positions())
     }
 }
 
