@@ -189,22 +189,11 @@ impl Recommender {
             _ => None,
         };
         let fusion = if co_view && se_view {
-            let mut config = section("model.fusion_config", &m.fusion_config)?;
-            if config.is_null() {
-                config = serde_json::Value::Object(Default::default());
-            }
-            if !m.cross_attention {
-                config
-                    .as_object_mut()
-                    .ok_or_else(|| {
-                        config_error("config key `model.fusion_config`: must be a mapping")
-                    })?
-                    .insert("enabled".into(), serde_json::Value::Bool(false));
-            }
             let spec = FusionSpec {
                 hidden: m.hidden,
                 dropout: m.dropout,
-                config,
+                cross_attention: m.cross_attention,
+                config: section("model.fusion_config", &m.fusion_config)?,
             };
             let plugin = plugin_host::load(plugin_dirs, PluginKind::Fusion, &m.fusion)
                 .map_err(|e| named("model.fusion", e))?;

@@ -17,7 +17,7 @@ use crate::{BackbonePlugin, FusionPlugin, RetrievalPlugin};
 /// traits and specs that cross the boundary) changes incompatibly. Every
 /// layout must keep this version as a `u32` at offset 0. The history is in
 /// docs/plugins.md: 1 the first; 2 objectives as `TrainingObjective` trait
-/// objects instead of the `Objective` enum.
+/// objects instead of the `Objective` enum, `FusionSpec::cross_attention`.
 pub const ABI_VERSION: u32 = 2;
 
 /// Hash of this runtime's sources, lock file, compiler, flags, profile and features.
