@@ -34,8 +34,9 @@ __attribute__((constructor)) static void crash(void) {
 }
 "#;
 
-/// A declaration that passes every check (its compiler and fingerprint are
-/// filled in from the host's) and a `create` that dies by SIGSEGV.
+/// A declaration that passes every check (its ABI version, compiler and
+/// fingerprint are filled in from the host's) and a `create` that dies by
+/// SIGSEGV.
 const CRASHING_CREATE: &str = r#"
 #include <signal.h>
 #include <stdint.h>
@@ -49,7 +50,7 @@ struct declaration {
     void (*create)(void);
 };
 const struct declaration llm_esr_plugin_declaration = {
-    1, RUSTC_VERSION, FINGERPRINT, "backbone", "crashy-create", "0.0.1", create
+    ABI_VERSION, RUSTC_VERSION, FINGERPRINT, "backbone", "crashy-create", "0.0.1", create
 };
 "#;
 
@@ -166,9 +167,10 @@ fn plugins_inspect_refuses_a_foreign_abi() {
         "{line}"
     );
     assert!(
-        reason.contains(
-            "plugin ABI version 999 but the host expects 1; rebuild the plugin against this host"
-        ),
+        reason.contains(&format!(
+            "plugin ABI version 999 but the host expects {}; rebuild the plugin against this host",
+            llm_esr_runtime::abi::ABI_VERSION
+        )),
         "{reason}"
     );
     // The listing goes on: the built-in plugins are checked and fine.
@@ -297,7 +299,8 @@ fn a_plugin_under_another_file_name_is_refused() {
 /// there: `train` fails naming the plugin, the file and the stage.
 #[test]
 fn a_crash_in_create_of_the_requested_plugin_is_an_error() {
-    // The host's compiler and fingerprint, as its inspector prints them.
+    // The host's ABI version, compiler and fingerprint, as its inspector
+    // prints them.
     let sasrec = llm_esr_tests::plugin_file("llm_esr_plugin_sasrec");
     let out = run_cli(&["__inspect-plugin", sasrec.to_str().unwrap()], &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -311,6 +314,7 @@ fn a_crash_in_create_of_the_requested_plugin_is_an_error() {
         "libllm_esr_plugin_crashy_create.so",
         CRASHING_CREATE,
         &[
+            format!("-DABI_VERSION={}", decl["abi_version"].as_u64().unwrap()),
             define("RUSTC_VERSION", "rustc_version"),
             define("FINGERPRINT", "fingerprint"),
         ],

@@ -24,7 +24,7 @@ pub fn run(
 ) -> Result<serde_json::Value> {
     let run = Run::new(cfg, comm)?;
     let mut adam = run.start(None)?.adam;
-    let mut samples = training_samples(&run.ds, run.model.objective());
+    let mut samples = training_samples(&run.ds, run.model.objective())?;
     Rng::derive(cfg.seed, 0).shuffle(&mut samples);
     let mut times = Vec::with_capacity(steps);
     for (step, batch) in samples

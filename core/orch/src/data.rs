@@ -8,7 +8,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use llm_esr_runtime::{Objective, Rng};
+use llm_esr_runtime::{ExampleCtx, Rng};
+
+use crate::plugin_host::GuardedObjective;
 
 /// Fails with what to do when `dir` is not a prepared dataset directory.
 pub fn check_prepared(dir: &Path) -> Result<()> {
@@ -170,29 +172,28 @@ impl Targets {
     }
 }
 
-/// The training samples of an epoch, before shuffling: each user with a
-/// target once, or, for cloze training, each user with a training item twice
-/// (random masking, then last-item masking).
-pub fn training_samples(ds: &Dataset, objective: Objective) -> Vec<(u32, bool)> {
-    let users = 0..ds.num_users as u32;
-    match objective {
-        Objective::Cloze { .. } => {
-            let users: Vec<u32> = users
-                .filter(|&u| !ds.train_seq(u as usize).is_empty())
-                .collect();
-            let mut samples: Vec<(u32, bool)> = users.iter().map(|&u| (u, false)).collect();
-            samples.extend(users.iter().map(|&u| (u, true)));
-            samples
+/// One training sample: a user (0-based) and which of its copies per epoch
+/// (`0..objective.copies()`; BERT4Rec's cloze has two: random masking, then
+/// the last item masked).
+pub type Sample = (u32, u32);
+
+/// The training samples of an epoch, before shuffling: copy 0 of every user
+/// the objective accepts, in user order, then copy 1 of each, and so on.
+pub fn training_samples(ds: &Dataset, objective: &GuardedObjective) -> Result<Vec<Sample>> {
+    let mut users = Vec::new();
+    for u in 0..ds.num_users as u32 {
+        if objective.qualifies(ds.train_seq(u as usize))? {
+            users.push(u);
         }
-        _ => users
-            .filter(|&u| ds.train_seq(u as usize).len() >= 2)
-            .map(|u| (u, false))
-            .collect(),
     }
+    Ok((0..objective.copies() as u32)
+        .flat_map(|copy| users.iter().map(move |&u| (u, copy)))
+        .collect())
 }
 
 /// Seed of the per-user stream of an epoch: the same user draws the same
-/// negatives whichever rank or batch it lands in.
+/// negatives whichever rank or batch it lands in. Copy `c` of an objective
+/// with `k` copies per epoch draws from stream `k * epoch + c`.
 pub fn user_stream(seed: u64, epoch: usize, user: u32) -> Rng {
     Rng::derive(
         seed ^ 0x7472_6169_6e00_0000 ^ ((epoch as u64) << 32),
@@ -200,107 +201,52 @@ pub fn user_stream(seed: u64, epoch: usize, user: u32) -> Rng {
     )
 }
 
-/// Next-item training batch: input `train[:-1]`, targets `train[1:]` at every
-/// position (`all_positions`) or at the last one only.
-pub fn next_item_batch(
-    ds: &Dataset,
-    users: &[u32],
-    max_len: usize,
-    to_max_len: bool,
-    all_positions: bool,
-    seed: u64,
-    epoch: usize,
-) -> (Padded, Targets) {
-    let inputs: Vec<&[u32]> = users
-        .iter()
-        .map(|&u| {
-            let t = ds.train_seq(u as usize);
-            &t[..t.len() - 1]
-        })
-        .collect();
-    let padded = Padded::new(&inputs, max_len, to_max_len);
-    let l = padded.l;
-    let mut pos = vec![0u32; padded.b * l];
-    let mut neg = vec![0u32; padded.b * l];
-    for (r, &u) in users.iter().enumerate() {
-        let t = ds.train_seq(u as usize);
-        let targets = &t[1..];
-        let targets = &targets[targets.len().saturating_sub(l)..];
-        let mut rng = user_stream(seed, epoch, u);
-        let start = if all_positions { 0 } else { targets.len() - 1 };
-        for (j, &item) in targets.iter().enumerate().skip(start) {
-            let k = r * l + (l - targets.len()) + j;
-            pos[k] = item;
-            neg[k] = ds.sample_negative(u as usize, &mut rng);
-        }
-    }
-    (padded, Targets { pos, neg })
-}
-
-/// Cloze training batch, the official BERT4Rec scheme: every user appears
-/// twice per epoch, once with random masking of its training sequence (each
-/// item with probability `mask_prob`: 80% the mask token, 10% a random item,
-/// 10% unchanged, predicted in every case) and once with only its last item
-/// masked (`last`).
+/// The training batch of `samples`: each sample's example built by the
+/// objective from the user's training sequence, with the per-user stream of
+/// its (epoch, copy) and negatives outside the user's history; inputs left
+/// padded to their longest (or to `max_len`) keeping their last tokens, and
+/// the targets of the kept positions.
 #[allow(clippy::too_many_arguments)]
-pub fn cloze_batch(
+pub fn training_batch(
     ds: &Dataset,
-    entries: &[(u32, bool)],
+    objective: &GuardedObjective,
+    samples: &[Sample],
     max_len: usize,
     to_max_len: bool,
-    mask_token: u32,
-    mask_prob: f32,
+    mask_token: Option<u32>,
     seed: u64,
     epoch: usize,
-) -> (Padded, Targets) {
-    let mut tokens: Vec<Vec<u32>> = Vec::with_capacity(entries.len());
-    let mut labels: Vec<Vec<u32>> = Vec::with_capacity(entries.len());
-    let mut negs: Vec<Vec<u32>> = Vec::with_capacity(entries.len());
-    for &(u, last) in entries {
-        let seq = ds.train_seq(u as usize);
-        let mut rng = user_stream(seed, 2 * epoch + last as usize, u);
-        let mut tok = seq.to_vec();
-        let mut lab = vec![0u32; seq.len()];
-        let mut neg = vec![0u32; seq.len()];
-        if last {
-            let j = seq.len() - 1;
-            tok[j] = mask_token;
-            lab[j] = seq[j];
-            neg[j] = ds.sample_negative(u as usize, &mut rng);
-        } else {
-            for (j, &s) in seq.iter().enumerate() {
-                let r = rng.next_f64();
-                if r < mask_prob as f64 {
-                    let r = r / mask_prob as f64;
-                    tok[j] = if r < 0.8 {
-                        mask_token
-                    } else if r < 0.9 {
-                        1 + rng.below(ds.num_items as u64) as u32
-                    } else {
-                        s
-                    };
-                    lab[j] = s;
-                    neg[j] = ds.sample_negative(u as usize, &mut rng);
-                }
-            }
-        }
-        tokens.push(tok);
-        labels.push(lab);
-        negs.push(neg);
+) -> Result<(Padded, Targets)> {
+    let copies = objective.copies();
+    let mut examples = Vec::with_capacity(samples.len());
+    for &(u, copy) in samples {
+        let mut rng = user_stream(seed, copies * epoch + copy as usize, u);
+        let mut sampler = |rng: &mut Rng| ds.sample_negative(u as usize, rng);
+        let mut ctx = ExampleCtx {
+            rng: &mut rng,
+            num_items: ds.num_items,
+            max_len,
+            mask_token,
+            sampler: &mut sampler,
+        };
+        examples.push(objective.example(copy as usize, ds.train_seq(u as usize), &mut ctx)?);
     }
-    let inputs: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
+    let inputs: Vec<&[u32]> = examples.iter().map(|e| e.input.as_slice()).collect();
     let padded = Padded::new(&inputs, max_len, to_max_len);
     let l = padded.l;
     let mut pos = vec![0u32; padded.b * l];
     let mut neg = vec![0u32; padded.b * l];
-    for (r, (lab, ng)) in labels.iter().zip(&negs).enumerate() {
-        let keep = lab.len().min(l);
-        let (lab, ng) = (&lab[lab.len() - keep..], &ng[ng.len() - keep..]);
-        let off = r * l + (l - keep);
-        pos[off..off + keep].copy_from_slice(lab);
-        neg[off..off + keep].copy_from_slice(ng);
+    for (r, ex) in examples.iter().enumerate() {
+        // Padded keeps the last `kept` tokens, from input position `first`.
+        let kept = ex.input.len().min(l);
+        let first = ex.input.len() - kept;
+        for t in ex.targets.iter().filter(|t| t.position >= first) {
+            let k = r * l + (l - kept) + (t.position - first);
+            pos[k] = t.item;
+            neg[k] = t.negative;
+        }
     }
-    (padded, Targets { pos, neg })
+    Ok((padded, Targets { pos, neg }))
 }
 
 /// The fixed candidate negatives of a user for sampled evaluation.
@@ -316,6 +262,263 @@ pub fn eval_negatives(ds: &Dataset, u: usize, split: Split, n: usize, seed: u64)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use llm_esr_runtime::{Cloze, NextItem, TrainingObjective};
+
+    /// A dataset of `users` random sequences (lengths 1..=14, repeats
+    /// allowed) over `items` items.
+    fn dataset(users: usize, items: usize, seed: u64) -> Dataset {
+        let mut rng = Rng::new(seed);
+        let seqs: Vec<Vec<u32>> = (0..users)
+            .map(|_| {
+                let n = 1 + rng.below(14) as usize;
+                (0..n).map(|_| 1 + rng.below(items as u64) as u32).collect()
+            })
+            .collect();
+        let history = seqs
+            .iter()
+            .map(|s| {
+                let mut h = s.clone();
+                h.sort_unstable();
+                h.dedup();
+                h
+            })
+            .collect();
+        Dataset {
+            dir: PathBuf::new(),
+            num_users: users,
+            num_items: items,
+            seqs,
+            history,
+        }
+    }
+
+    fn guarded(objective: impl TrainingObjective + 'static) -> GuardedObjective {
+        GuardedObjective::new("test", Box::new(objective)).unwrap()
+    }
+
+    // The batching code before objectives came from the backbone (the closed
+    // enum `Objective`), kept to show that the built-in objectives give the
+    // same batches, draw for draw.
+
+    fn old_training_samples(ds: &Dataset, cloze: bool) -> Vec<(u32, bool)> {
+        let users = 0..ds.num_users as u32;
+        if cloze {
+            let users: Vec<u32> = users
+                .filter(|&u| !ds.train_seq(u as usize).is_empty())
+                .collect();
+            let mut samples: Vec<(u32, bool)> = users.iter().map(|&u| (u, false)).collect();
+            samples.extend(users.iter().map(|&u| (u, true)));
+            samples
+        } else {
+            users
+                .filter(|&u| ds.train_seq(u as usize).len() >= 2)
+                .map(|u| (u, false))
+                .collect()
+        }
+    }
+
+    fn old_next_item_batch(
+        ds: &Dataset,
+        users: &[u32],
+        max_len: usize,
+        to_max_len: bool,
+        all_positions: bool,
+        seed: u64,
+        epoch: usize,
+    ) -> (Padded, Targets) {
+        let inputs: Vec<&[u32]> = users
+            .iter()
+            .map(|&u| {
+                let t = ds.train_seq(u as usize);
+                &t[..t.len() - 1]
+            })
+            .collect();
+        let padded = Padded::new(&inputs, max_len, to_max_len);
+        let l = padded.l;
+        let mut pos = vec![0u32; padded.b * l];
+        let mut neg = vec![0u32; padded.b * l];
+        for (r, &u) in users.iter().enumerate() {
+            let t = ds.train_seq(u as usize);
+            let targets = &t[1..];
+            let targets = &targets[targets.len().saturating_sub(l)..];
+            let mut rng = user_stream(seed, epoch, u);
+            let start = if all_positions { 0 } else { targets.len() - 1 };
+            for (j, &item) in targets.iter().enumerate().skip(start) {
+                let k = r * l + (l - targets.len()) + j;
+                pos[k] = item;
+                neg[k] = ds.sample_negative(u as usize, &mut rng);
+            }
+        }
+        (padded, Targets { pos, neg })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn old_cloze_batch(
+        ds: &Dataset,
+        entries: &[(u32, bool)],
+        max_len: usize,
+        to_max_len: bool,
+        mask_token: u32,
+        mask_prob: f32,
+        seed: u64,
+        epoch: usize,
+    ) -> (Padded, Targets) {
+        let mut tokens: Vec<Vec<u32>> = Vec::with_capacity(entries.len());
+        let mut labels: Vec<Vec<u32>> = Vec::with_capacity(entries.len());
+        let mut negs: Vec<Vec<u32>> = Vec::with_capacity(entries.len());
+        for &(u, last) in entries {
+            let seq = ds.train_seq(u as usize);
+            let mut rng = user_stream(seed, 2 * epoch + last as usize, u);
+            let mut tok = seq.to_vec();
+            let mut lab = vec![0u32; seq.len()];
+            let mut neg = vec![0u32; seq.len()];
+            if last {
+                let j = seq.len() - 1;
+                tok[j] = mask_token;
+                lab[j] = seq[j];
+                neg[j] = ds.sample_negative(u as usize, &mut rng);
+            } else {
+                for (j, &s) in seq.iter().enumerate() {
+                    let r = rng.next_f64();
+                    if r < mask_prob as f64 {
+                        let r = r / mask_prob as f64;
+                        tok[j] = if r < 0.8 {
+                            mask_token
+                        } else if r < 0.9 {
+                            1 + rng.below(ds.num_items as u64) as u32
+                        } else {
+                            s
+                        };
+                        lab[j] = s;
+                        neg[j] = ds.sample_negative(u as usize, &mut rng);
+                    }
+                }
+            }
+            tokens.push(tok);
+            labels.push(lab);
+            negs.push(neg);
+        }
+        let inputs: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
+        let padded = Padded::new(&inputs, max_len, to_max_len);
+        let l = padded.l;
+        let mut pos = vec![0u32; padded.b * l];
+        let mut neg = vec![0u32; padded.b * l];
+        for (r, (lab, ng)) in labels.iter().zip(&negs).enumerate() {
+            let keep = lab.len().min(l);
+            let (lab, ng) = (&lab[lab.len() - keep..], &ng[ng.len() - keep..]);
+            let off = r * l + (l - keep);
+            pos[off..off + keep].copy_from_slice(lab);
+            neg[off..off + keep].copy_from_slice(ng);
+        }
+        (padded, Targets { pos, neg })
+    }
+
+    fn assert_same(a: &(Padded, Targets), b: &(Padded, Targets), what: &str) {
+        assert_eq!((a.0.b, a.0.l), (b.0.b, b.0.l), "{what}");
+        assert_eq!(a.0.ids, b.0.ids, "{what}");
+        assert_eq!(a.0.mask, b.0.mask, "{what}");
+        assert_eq!(a.1.pos, b.1.pos, "{what}");
+        assert_eq!(a.1.neg, b.1.neg, "{what}");
+    }
+
+    #[test]
+    fn built_in_objectives_batch_exactly_as_the_closed_enum_did() {
+        let ds = dataset(40, 30, 3);
+        let seed = 42;
+        for (max_len, to_max_len) in [(5, false), (5, true), (20, false), (1, false)] {
+            for epoch in [0, 3] {
+                for all in [true, false] {
+                    let objective = guarded(if all {
+                        NextItem::all_positions()
+                    } else {
+                        NextItem::last_position()
+                    });
+                    let samples = training_samples(&ds, &objective).unwrap();
+                    let old = old_training_samples(&ds, false);
+                    assert_eq!(samples.len(), old.len());
+                    assert!(samples
+                        .iter()
+                        .zip(&old)
+                        .all(|(a, b)| a.0 == b.0 && a.1 == 0));
+                    for batch in samples.chunks(7) {
+                        let users: Vec<u32> = batch.iter().map(|s| s.0).collect();
+                        let new = training_batch(
+                            &ds, &objective, batch, max_len, to_max_len, None, seed, epoch,
+                        )
+                        .unwrap();
+                        let old =
+                            old_next_item_batch(&ds, &users, max_len, to_max_len, all, seed, epoch);
+                        assert_same(&new, &old, &format!("next item {all} {max_len} {epoch}"));
+                    }
+                }
+                let mask_token = ds.num_items as u32 + 1;
+                let objective = guarded(Cloze { mask_prob: 0.6 });
+                assert!(objective.needs_mask_token());
+                let samples = training_samples(&ds, &objective).unwrap();
+                let old = old_training_samples(&ds, true);
+                assert_eq!(samples.len(), old.len());
+                assert!(samples
+                    .iter()
+                    .zip(&old)
+                    .all(|(a, b)| a.0 == b.0 && (a.1 == 1) == b.1));
+                for (batch, old_batch) in samples.chunks(7).zip(old.chunks(7)) {
+                    let new = training_batch(
+                        &ds,
+                        &objective,
+                        batch,
+                        max_len,
+                        to_max_len,
+                        Some(mask_token),
+                        seed,
+                        epoch,
+                    )
+                    .unwrap();
+                    let old = old_cloze_batch(
+                        &ds, old_batch, max_len, to_max_len, mask_token, 0.6, seed, epoch,
+                    );
+                    assert_same(&new, &old, &format!("cloze {max_len} {epoch}"));
+                }
+            }
+        }
+    }
+
+    /// An objective that puts a token out of range is refused with its name.
+    struct Broken;
+
+    impl TrainingObjective for Broken {
+        fn describe(&self) -> String {
+            "broken".into()
+        }
+        fn qualifies(&self, _train: &[u32]) -> bool {
+            true
+        }
+        fn example(
+            &self,
+            _copy: usize,
+            train: &[u32],
+            _ctx: &mut ExampleCtx,
+        ) -> llm_esr_runtime::candle::Result<llm_esr_runtime::Example> {
+            let mut input = train.to_vec();
+            input.push(999);
+            Ok(llm_esr_runtime::Example {
+                input,
+                targets: vec![],
+            })
+        }
+    }
+
+    #[test]
+    fn an_invalid_example_is_an_error_naming_the_objective() {
+        let ds = dataset(3, 30, 1);
+        let objective = guarded(Broken);
+        let err = training_batch(&ds, &objective, &[(0, 0)], 5, false, None, 1, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`broken`") && err.contains("input token 999"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn padding_is_left_and_truncates_to_the_last_items() {

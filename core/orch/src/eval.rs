@@ -209,18 +209,12 @@ pub fn rank_targets(
             .iter()
             .map(|&u| ds.eval_case(u as usize, split))
             .collect();
-        let with_mask: Vec<Vec<u32>>;
-        let inputs: Vec<&[u32]> = match model.mask_token {
-            Some(m) => {
-                // Cloze models predict the item at an appended mask token.
-                with_mask = cases
-                    .iter()
-                    .map(|(s, _)| s.iter().copied().chain([m]).collect())
-                    .collect();
-                with_mask.iter().map(Vec::as_slice).collect()
-            }
-            None => cases.iter().map(|(s, _)| *s).collect(),
-        };
+        // The objective's input (cloze models append the mask token).
+        let inputs: Vec<Vec<u32>> = cases
+            .iter()
+            .map(|(s, _)| model.inference_input(s))
+            .collect::<Result<_>>()?;
+        let inputs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
         let padded = Padded::new(&inputs, max_len, pad_to_max_len);
         let ids = Tensor::from_vec(padded.ids.clone(), (padded.b, padded.l), device)?;
         let mask = Tensor::from_vec(padded.mask.clone(), (padded.b, padded.l), device)?;

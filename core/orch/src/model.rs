@@ -22,12 +22,13 @@ use llm_esr_runtime::candle_nn::{self, VarBuilder};
 use llm_esr_runtime::ops;
 use llm_esr_runtime::params::{xavier_normal, ParamStore};
 use llm_esr_runtime::{
-    Backbone, BackboneSpec, ForwardCtx, Fusion, FusionSpec, Objective, PluginKind, Retrieval,
-    RetrievalSpec,
+    Backbone, BackboneSpec, ForwardCtx, Fusion, FusionSpec, PluginKind, Retrieval, RetrievalSpec,
 };
 
 use crate::config::{config_error, is_config_error, plugin_section, Config, Variant};
-use crate::plugin_host::{self, BuildRefused, GuardedBackbone, GuardedFusion, GuardedRetrieval};
+use crate::plugin_host::{
+    self, BuildRefused, GuardedBackbone, GuardedFusion, GuardedObjective, GuardedRetrieval,
+};
 use crate::step::StepSettings;
 
 /// A plugin section as JSON, with errors naming the section's key.
@@ -93,11 +94,14 @@ pub struct Recommender {
     pub hidden: usize,
     /// Number of real items; ids run 1..=num_items.
     pub num_items: usize,
-    /// Id of the cloze mask token (num_items + 1) when the backbone needs one.
+    /// Id of the mask token (num_items + 1) when the backbone's objective
+    /// needs one (BERT4Rec's cloze).
     pub mask_token: Option<u32>,
     /// Weight of the distillation loss.
     pub alpha: f32,
     backbone: GuardedBackbone,
+    /// How the backbone trains (from the backbone plugin).
+    objective: GuardedObjective,
     /// The semantic view's own encoder (ablation "w/o Share").
     backbone_se: Option<GuardedBackbone>,
     co_table: Option<Var>,
@@ -156,10 +160,8 @@ impl Recommender {
         } else {
             None
         };
-        let mask_token = match backbone.objective() {
-            Objective::Cloze { .. } => Some(num_items as u32 + 1),
-            _ => None,
-        };
+        let objective = backbone.training_objective()?;
+        let mask_token = objective.needs_mask_token().then_some(num_items as u32 + 1);
         let rows = num_items + 1 + mask_token.is_some() as usize;
         let artifacts = match (m.variant, artifacts) {
             (Variant::Plain, _) => None,
@@ -187,22 +189,11 @@ impl Recommender {
             _ => None,
         };
         let fusion = if co_view && se_view {
-            let mut config = section("model.fusion_config", &m.fusion_config)?;
-            if config.is_null() {
-                config = serde_json::Value::Object(Default::default());
-            }
-            if !m.cross_attention {
-                config
-                    .as_object_mut()
-                    .ok_or_else(|| {
-                        config_error("config key `model.fusion_config`: must be a mapping")
-                    })?
-                    .insert("enabled".into(), serde_json::Value::Bool(false));
-            }
             let spec = FusionSpec {
                 hidden: m.hidden,
                 dropout: m.dropout,
-                config,
+                cross_attention: m.cross_attention,
+                config: section("model.fusion_config", &m.fusion_config)?,
             };
             let plugin = plugin_host::load(plugin_dirs, PluginKind::Fusion, &m.fusion)
                 .map_err(|e| named("model.fusion", e))?;
@@ -237,6 +228,7 @@ impl Recommender {
             mask_token,
             alpha: m.alpha,
             backbone,
+            objective,
             backbone_se,
             co_table,
             semantic,
@@ -259,8 +251,17 @@ impl Recommender {
         format!("{}, {:?}", self.backbone_name, self.variant).to_lowercase()
     }
 
-    pub fn objective(&self) -> Objective {
-        self.backbone.objective()
+    /// The backbone's training objective.
+    pub fn objective(&self) -> &GuardedObjective {
+        &self.objective
+    }
+
+    /// The input that predicts the item after `history` (evaluation and
+    /// `recommend`): the history, or for cloze models the history and the
+    /// mask token.
+    pub fn inference_input(&self, history: &[u32]) -> Result<Vec<u32>> {
+        self.objective
+            .inference_input(history, self.num_items, self.mask_token)
     }
 
     pub fn retrieval(&self) -> Option<&dyn Retrieval> {

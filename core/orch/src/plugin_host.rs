@@ -36,8 +36,9 @@ use llm_esr_runtime::abi::{DeclarationInfo, DECLARATION_SYMBOL};
 use llm_esr_runtime::candle::{self, Tensor};
 use llm_esr_runtime::candle_nn::VarBuilder;
 use llm_esr_runtime::{
-    Backbone, BackbonePlugin, BackboneSpec, ForwardCtx, Fusion, FusionPlugin, FusionSpec,
-    Objective, Plugin, PluginDeclaration, PluginKind, Retrieval, RetrievalPlugin, RetrievalSpec,
+    Backbone, BackbonePlugin, BackboneSpec, Example, ExampleCtx, ForwardCtx, Fusion, FusionPlugin,
+    FusionSpec, Plugin, PluginDeclaration, PluginKind, Retrieval, RetrievalPlugin, RetrievalSpec,
+    TrainingObjective,
 };
 
 const FIX: &str = "rebuild the workspace (`cargo build --release --workspace`) so that the host and its plugins come from one build";
@@ -664,8 +665,123 @@ impl Backbone for GuardedBackbone {
         guarded(&self.name, || self.inner.encode_embedded(x, mask, ctx))
     }
 
-    fn objective(&self) -> Objective {
+    /// Unguarded; the host uses [`GuardedBackbone::training_objective`].
+    fn objective(&self) -> Box<dyn TrainingObjective> {
         self.inner.objective()
+    }
+}
+
+impl GuardedBackbone {
+    /// The backbone's training objective, its calls protected against panics.
+    pub fn training_objective(&self) -> Result<GuardedObjective> {
+        let inner = guarded(&self.name, || Ok(self.inner.objective()))?;
+        GuardedObjective::new(&self.name, inner)
+    }
+}
+
+/// A backbone's training objective whose calls are protected against panics
+/// and whose examples are checked (ids in range, positions inside the
+/// input) before the host uses them. `describe`, `copies` and
+/// `needs_mask_token` are read once.
+pub struct GuardedObjective {
+    name: String,
+    inner: Box<dyn TrainingObjective>,
+    describe: String,
+    copies: usize,
+    needs_mask_token: bool,
+}
+
+impl GuardedObjective {
+    /// Wraps the objective of the plugin `name`; refuses one without copies.
+    pub fn new(name: &str, inner: Box<dyn TrainingObjective>) -> Result<GuardedObjective> {
+        let describe = guarded(name, || Ok(inner.describe()))?;
+        let copies = guarded(name, || Ok(inner.copies()))?;
+        let needs_mask_token = guarded(name, || Ok(inner.needs_mask_token()))?;
+        if copies == 0 {
+            bail!("plugin `{name}`: its objective `{describe}` has 0 training copies per epoch");
+        }
+        Ok(GuardedObjective {
+            name: name.to_string(),
+            inner,
+            describe,
+            copies,
+            needs_mask_token,
+        })
+    }
+
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    /// Training copies of each user per epoch (at least 1).
+    pub fn copies(&self) -> usize {
+        self.copies
+    }
+
+    pub fn needs_mask_token(&self) -> bool {
+        self.needs_mask_token
+    }
+
+    pub fn qualifies(&self, train: &[u32]) -> Result<bool> {
+        Ok(guarded(&self.name, || Ok(self.inner.qualifies(train)))?)
+    }
+
+    /// Copy `copy` of a user with training sequence `train`, checked.
+    pub fn example(&self, copy: usize, train: &[u32], ctx: &mut ExampleCtx) -> Result<Example> {
+        let (num_items, mask_token) = (ctx.num_items, ctx.mask_token);
+        let ex = guarded(&self.name, || self.inner.example(copy, train, ctx))?;
+        let item = |v: u32| v >= 1 && v as usize <= num_items;
+        let token = |v: u32| item(v) || Some(v) == mask_token;
+        let problem = if let Some(t) = ex.input.iter().find(|&&t| !token(t)) {
+            Some(format!("input token {t}"))
+        } else if let Some(t) = ex.targets.iter().find(|t| t.position >= ex.input.len()) {
+            Some(format!(
+                "target position {} for an input of {} tokens",
+                t.position,
+                ex.input.len()
+            ))
+        } else if let Some(t) = ex.targets.iter().find(|t| !item(t.item)) {
+            Some(format!("target item {}", t.item))
+        } else {
+            ex.targets
+                .iter()
+                .find(|t| !item(t.negative))
+                .map(|t| format!("negative item {}", t.negative))
+        };
+        if let Some(problem) = problem {
+            bail!(
+                "plugin `{}`: objective `{}` built an invalid training example ({problem}; items \
+                 are 1..={num_items}{})",
+                self.name,
+                self.describe,
+                mask_token.map_or(String::new(), |m| format!(", the mask token {m}"))
+            );
+        }
+        Ok(ex)
+    }
+
+    /// The input that predicts the item after `history`, checked: its tokens
+    /// are items (`1..=num_items`) or the mask token.
+    pub fn inference_input(
+        &self,
+        history: &[u32],
+        num_items: usize,
+        mask_token: Option<u32>,
+    ) -> Result<Vec<u32>> {
+        let input = guarded(&self.name, || {
+            self.inner.inference_input(history, mask_token)
+        })?;
+        let token = |t: u32| (t >= 1 && t as usize <= num_items) || Some(t) == mask_token;
+        if let Some(t) = input.iter().find(|&&t| !token(t)) {
+            bail!(
+                "plugin `{}`: objective `{}` gave an inference input with token {t} (items are \
+                 1..={num_items}{})",
+                self.name,
+                self.describe,
+                mask_token.map_or(String::new(), |m| format!(", the mask token {m}"))
+            );
+        }
+        Ok(input)
     }
 }
 

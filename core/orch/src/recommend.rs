@@ -45,14 +45,12 @@ pub fn recommend(run_dir: &Path, users: &[u32], k: usize) -> Result<serde_json::
     checkpoint::load_params(&best, &model.vars()).context("loading the best parameters")?;
 
     let tables = model.tables()?;
-    let with_mask: Vec<Vec<u32>> = users
+    // The objective's input (cloze models append the mask token).
+    let inputs: Vec<Vec<u32>> = users
         .iter()
-        .map(|&u| {
-            let seq = ds.seqs[u as usize - 1].iter().copied();
-            seq.chain(model.mask_token).collect()
-        })
-        .collect();
-    let inputs: Vec<&[u32]> = with_mask.iter().map(Vec::as_slice).collect();
+        .map(|&u| model.inference_input(&ds.seqs[u as usize - 1]))
+        .collect::<Result<_>>()?;
+    let inputs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
     let padded = Padded::new(&inputs, cfg.data.max_len, cfg.data.pad_to_max_len);
     let ids = Tensor::from_vec(padded.ids, (padded.b, padded.l), &device)?;
     let mask = Tensor::from_vec(padded.mask, (padded.b, padded.l), &device)?;

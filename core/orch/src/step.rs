@@ -7,10 +7,11 @@
 
 use anyhow::Result;
 use llm_esr_runtime::candle::{Tensor, D};
-use llm_esr_runtime::{ForwardCtx, Objective, Rng};
+use llm_esr_runtime::{ForwardCtx, Rng};
 
 use crate::config::StudentPass;
-use crate::data::{cloze_batch, next_item_batch, Dataset, Padded, Targets};
+pub use crate::data::Sample;
+use crate::data::{training_batch, Dataset, Padded, Targets};
 use crate::model::{bce_loss, last_position, Recommender};
 
 /// The settings of the step that come from the config, fixed at build time.
@@ -24,10 +25,6 @@ pub struct StepSettings {
     /// Source of the distillation student.
     pub student: StudentPass,
 }
-
-/// One training sample: a user, and for cloze training which of its two
-/// copies per epoch (random masking, or the last item masked).
-pub type Sample = (u32, bool);
 
 /// A shard of a training batch, ready for [`Recommender::loss`].
 pub struct Prepared {
@@ -74,34 +71,25 @@ impl Loss {
 }
 
 impl Recommender {
-    /// The padded inputs and targets of `shard` for the backbone's objective.
-    pub fn prepare(&self, ds: &Dataset, shard: &[Sample], epoch: usize) -> Prepared {
+    /// The padded inputs and targets of `shard`, built by the backbone's
+    /// objective.
+    pub fn prepare(&self, ds: &Dataset, shard: &[Sample], epoch: usize) -> Result<Prepared> {
         let s = &self.settings;
-        let (padded, targets) = match self.objective() {
-            Objective::Cloze { mask_prob } => {
-                let mask_token = self.mask_token.expect("cloze models have a mask token");
-                cloze_batch(
-                    ds,
-                    shard,
-                    s.max_len,
-                    s.pad_to_max_len,
-                    mask_token,
-                    mask_prob,
-                    s.seed,
-                    epoch,
-                )
-            }
-            objective => {
-                let users: Vec<u32> = shard.iter().map(|&(u, _)| u).collect();
-                let all = objective == Objective::AllPositions;
-                next_item_batch(ds, &users, s.max_len, s.pad_to_max_len, all, s.seed, epoch)
-            }
-        };
-        Prepared {
+        let (padded, targets) = training_batch(
+            ds,
+            self.objective(),
+            shard,
+            s.max_len,
+            s.pad_to_max_len,
+            self.mask_token,
+            s.seed,
+            epoch,
+        )?;
+        Ok(Prepared {
             samples: shard.to_vec(),
             padded,
             targets,
-        }
+        })
     }
 
     /// The loss of a prepared shard at global step `step`, normalised by the
@@ -128,7 +116,8 @@ impl Recommender {
         let pos = Tensor::from_vec(targets.pos, b * l, dev)?;
         let neg = Tensor::from_vec(targets.neg, b * l, dev)?;
         // Dropout keyed by sample: the same masks on any number of ranks.
-        let rows: Vec<u64> = samples.iter().map(|&s| sample_key(s)).collect();
+        let copies = self.objective().copies();
+        let rows: Vec<u64> = samples.iter().map(|&s| sample_key(s, copies)).collect();
         let mut rng = Rng::derive(s.seed ^ 0x64726f70, step);
         let mut ctx = ForwardCtx::new(true, &mut rng).with_rows(&rows);
         let tables = self.tables()?;
@@ -169,7 +158,9 @@ impl Recommender {
     }
 }
 
-/// The global key of a training sample (user, second cloze copy).
-fn sample_key((user, second): Sample) -> u64 {
-    (user as u64) << 1 | second as u64
+/// The global key of a training sample (user, copy) of an objective with
+/// `copies` copies per epoch: `user * max(copies, 2) + copy`, i.e.
+/// `2 * user + copy` for the built-in objectives (one or two copies).
+fn sample_key((user, copy): Sample, copies: usize) -> u64 {
+    user as u64 * copies.max(2) as u64 + copy as u64
 }

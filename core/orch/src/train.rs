@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::{config_error, Config, NanPolicy};
-use crate::data::{training_samples, Dataset, Split};
+use crate::data::{training_samples, Dataset, Sample, Split};
 use crate::eval::{self, Group, Grouping, Metric, Metrics};
 use crate::files::{append_line, write_atomic, write_json};
 use crate::model::Recommender;
@@ -218,7 +218,7 @@ impl Run<'_> {
         // Identical parameters everywhere: rank 0's.
         self.dp.broadcast_parameters(&self.plain_vars)?;
 
-        let samples = training_samples(&self.ds, self.model.objective());
+        let samples = training_samples(&self.ds, self.model.objective())?;
         let steps_per_epoch = samples.len().div_ceil(cfg.train.batch_size);
         let started = Instant::now();
         while state.epoch < cfg.train.epochs {
@@ -290,7 +290,7 @@ impl Run<'_> {
     fn train_epoch(
         &self,
         epoch: usize,
-        samples: &[(u32, bool)],
+        samples: &[Sample],
         steps: usize,
         adam: &mut Adam,
         step: &mut u64,
@@ -383,12 +383,14 @@ impl Run<'_> {
     /// one process on the whole batch.
     pub(crate) fn train_step(
         &self,
-        shard: &[(u32, bool)],
+        shard: &[Sample],
         epoch: usize,
         step: u64,
         adam: &mut Adam,
     ) -> Result<StepOutcome> {
-        let prepared = (!shard.is_empty()).then(|| self.model.prepare(&self.ds, shard, epoch));
+        let prepared = (!shard.is_empty())
+            .then(|| self.model.prepare(&self.ds, shard, epoch))
+            .transpose()?;
         // Global numbers of targets and of samples.
         let mut counts = [0f64, shard.len() as f64];
         if let Some(p) = &prepared {

@@ -13,9 +13,12 @@ use std::ffi::{c_char, CStr};
 
 use crate::{BackbonePlugin, FusionPlugin, RetrievalPlugin};
 
-/// Bumped whenever [`PluginDeclaration`]'s layout changes. Every layout must
-/// keep this version as a `u32` at offset 0.
-pub const ABI_VERSION: u32 = 1;
+/// Bumped whenever [`PluginDeclaration`]'s layout or the plugin API (the
+/// traits and specs that cross the boundary) changes incompatibly. Every
+/// layout must keep this version as a `u32` at offset 0. The history is in
+/// docs/plugins.md: 1 the first; 2 objectives as `TrainingObjective` trait
+/// objects instead of the `Objective` enum, `FusionSpec::cross_attention`.
+pub const ABI_VERSION: u32 = 2;
 
 /// Hash of this runtime's sources, lock file, compiler, flags, profile and features.
 pub const FINGERPRINT: &str = env!("LLM_ESR_RUNTIME_FINGERPRINT");
@@ -172,10 +175,41 @@ impl DeclarationInfo {
     }
 }
 
-/// Exports a plugin: `export_plugin!(backbone, "sasrec", create)` where `create`
-/// is a `fn() -> Plugin`.
+/// Exports a plugin. Two forms:
+///
+/// - `export_plugin!(backbone, "meanrec", load = MeanRec::load)`: the plugin
+///   is a `Config` (serde) and a `load`; the macro writes the factory
+///   ([`BackboneFactory`](crate::BackboneFactory), [`FusionFactory`](crate::FusionFactory)
+///   or [`RetrievalFactory`](crate::RetrievalFactory)), which parses the
+///   plugin's section into the `Config` that `load` takes and calls it, the
+///   `create` function and the declaration. `load` is
+///   `fn(VarBuilder, &BackboneSpec, Config) -> Result<Model>` for a backbone,
+///   `fn(VarBuilder, &FusionSpec, Config) -> Result<Model>` for a fusion and
+///   `fn(&RetrievalSpec, Config) -> Result<Model>` for a retrieval.
+/// - `export_plugin!(backbone, "name", create)` with `create` a
+///   `fn() -> Plugin` of your own: only the declaration.
+///
+/// The name must be the crate's name after `llm-esr-plugin-`.
 #[macro_export]
 macro_rules! export_plugin {
+    (backbone, $name:literal, load = $load:path) => {
+        fn __llm_esr_plugin_create() -> $crate::Plugin {
+            $crate::Plugin::Backbone(::std::boxed::Box::new($crate::BackboneFactory::new($load)))
+        }
+        $crate::export_plugin!(backbone, $name, __llm_esr_plugin_create);
+    };
+    (fusion, $name:literal, load = $load:path) => {
+        fn __llm_esr_plugin_create() -> $crate::Plugin {
+            $crate::Plugin::Fusion(::std::boxed::Box::new($crate::FusionFactory::new($load)))
+        }
+        $crate::export_plugin!(fusion, $name, __llm_esr_plugin_create);
+    };
+    (retrieval, $name:literal, load = $load:path) => {
+        fn __llm_esr_plugin_create() -> $crate::Plugin {
+            $crate::Plugin::Retrieval(::std::boxed::Box::new($crate::RetrievalFactory::new($load)))
+        }
+        $crate::export_plugin!(retrieval, $name, __llm_esr_plugin_create);
+    };
     ($kind:ident, $name:literal, $create:path) => {
         #[no_mangle]
         #[used]

@@ -3,6 +3,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::objective::TrainingObjective;
 use crate::ForwardCtx;
 
 /// What the host tells a backbone when building it.
@@ -10,26 +11,16 @@ use crate::ForwardCtx;
 pub struct BackboneSpec {
     /// Hidden size d of the item representations it encodes.
     pub hidden: usize,
-    /// The longest input sequence (positions are counted from the right, so a
-    /// batch padded to its own longest sequence encodes exactly as if padded to
-    /// `max_len`).
+    /// The longest input sequence. Batches are left padded to their own
+    /// longest sequence (or to `max_len` with `data.pad_to_max_len`), so a
+    /// backbone numbers positions from the first item, as the built-in ones
+    /// do (a cumulative sum of the mask), or from the last one, never from
+    /// the padded edge: then a batch encodes exactly as if padded to `max_len`.
     pub max_len: usize,
     /// Dropout probability for the backbone's own layers.
     pub dropout: f32,
     /// The backbone's own section of the config (`model.encoder`), free-form.
     pub config: serde_json::Value,
-}
-
-/// Which positions carry the ranking loss; it decides how the host builds batches.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Objective {
-    /// Next-item prediction at every non-padding position (SASRec).
-    AllPositions,
-    /// Next-item prediction at the last position only (GRU4Rec).
-    LastPosition,
-    /// Cloze: items are replaced by a mask token with this probability and
-    /// predicted at the masked positions (BERT4Rec).
-    Cloze { mask_prob: f32 },
 }
 
 /// A built encoder, in two stages so that LLM-ESR can fuse the two views
@@ -56,13 +47,46 @@ pub trait Backbone: Send + Sync {
         self.encode_embedded(&x, mask, ctx)
     }
 
-    fn objective(&self) -> Objective;
+    /// How the backbone is trained: which inputs and targets the host builds
+    /// from a user's sequence, and the input at inference. The built-in
+    /// [`NextItem`](crate::objective::NextItem) and
+    /// [`Cloze`](crate::objective::Cloze) cover SASRec, GRU4Rec and BERT4Rec.
+    fn objective(&self) -> Box<dyn TrainingObjective>;
 }
 
 /// The factory a backbone plugin exports.
 pub trait BackbonePlugin: Send + Sync {
     /// Builds the encoder; every weight is created through `vb`.
     fn build(&self, vb: VarBuilder, spec: &BackboneSpec) -> Result<Box<dyn Backbone>>;
+}
+
+impl BackboneSpec {
+    /// The config key of a backbone's own section.
+    pub const SECTION: &'static str = "model.encoder";
+}
+
+/// The factory of a backbone that is a `Config` and a `load`: parses
+/// [`BackboneSpec::config`] into `C` (errors name `model.encoder`), then calls
+/// `load`. `export_plugin!(backbone, "name", load = Model::load)` exports one.
+pub struct BackboneFactory<C, B> {
+    load: fn(VarBuilder, &BackboneSpec, C) -> Result<B>,
+}
+
+impl<C, B> BackboneFactory<C, B> {
+    pub const fn new(load: fn(VarBuilder, &BackboneSpec, C) -> Result<B>) -> Self {
+        BackboneFactory { load }
+    }
+}
+
+impl<C, B> BackbonePlugin for BackboneFactory<C, B>
+where
+    C: serde::de::DeserializeOwned,
+    B: Backbone + 'static,
+{
+    fn build(&self, vb: VarBuilder, spec: &BackboneSpec) -> Result<Box<dyn Backbone>> {
+        let cfg = crate::parse_plugin_config(BackboneSpec::SECTION, &spec.config)?;
+        Ok(Box::new((self.load)(vb, spec, cfg)?))
+    }
 }
 
 /// Checks a backbone's inputs: `items` (b, l, `hidden`) with l <= `max_len`

@@ -7,8 +7,10 @@
 //! the only crate of the workspace that depends on candle. The host binary and
 //! every plugin (`cdylib`) link it dynamically (`-C prefer-dynamic`).
 //!
-//! What lives here: the plugin traits ([`backbone`], [`fusion`], [`retrieval`]),
-//! the ABI declaration that the host checks before trusting a plugin ([`abi`]),
+//! What lives here: the plugin traits ([`backbone`], [`fusion`], [`retrieval`])
+//! with the generic factories that `export_plugin!` builds, the training
+//! objectives backbones return and the built-in ones ([`objective`]), the ABI
+//! declaration that the host checks before trusting a plugin ([`abi`]),
 //! a seeded random number generator ([`rng`]), a seeded parameter store
 //! ([`params`]) and differentiable building blocks ([`ops`]). What does not: data
 //! handling, training, evaluation, distribution; those belong to the orchestrator.
@@ -22,6 +24,7 @@ pub use serde_json;
 pub mod abi;
 pub mod backbone;
 pub mod fusion;
+pub mod objective;
 pub mod ops;
 pub mod params;
 pub mod retrieval;
@@ -30,9 +33,10 @@ pub mod testing;
 pub mod transformer;
 
 pub use abi::{Plugin, PluginDeclaration, PluginKind};
-pub use backbone::{Backbone, BackbonePlugin, BackboneSpec, Objective};
-pub use fusion::{Fusion, FusionPlugin, FusionSpec};
-pub use retrieval::{Retrieval, RetrievalPlugin, RetrievalSpec};
+pub use backbone::{Backbone, BackboneFactory, BackbonePlugin, BackboneSpec};
+pub use fusion::{Fusion, FusionFactory, FusionPlugin, FusionSpec};
+pub use objective::{Cloze, Example, ExampleCtx, NextItem, Target, TrainingObjective};
+pub use retrieval::{Retrieval, RetrievalFactory, RetrievalPlugin, RetrievalSpec};
 pub use rng::Rng;
 
 /// Everything a forward pass needs besides its inputs: the mode and the seeded
@@ -43,9 +47,10 @@ pub struct ForwardCtx<'a> {
     /// The only source of randomness a plugin may use.
     pub rng: &'a mut Rng,
     /// A key per batch row (the host passes each sample's global id). Dropout
-    /// draws a row's mask from its key, the call and positions counted from
-    /// the right, so a sample gets the same mask in whichever batch, rank
-    /// shard or padded length it lands. `None`: the row index is the key.
+    /// draws a row's mask from its key, the call and indices counted from the
+    /// end of each dimension (for left-padded sequences: positions counted
+    /// from the last item), so a sample gets the same mask in whichever batch,
+    /// rank shard or padded length it lands. `None`: the row index is the key.
     pub rows: Option<&'a [u64]>,
 }
 

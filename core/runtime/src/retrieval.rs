@@ -23,3 +23,32 @@ pub trait Retrieval: Send + Sync {
 pub trait RetrievalPlugin: Send + Sync {
     fn build(&self, spec: &RetrievalSpec) -> Result<Box<dyn Retrieval>>;
 }
+
+impl RetrievalSpec {
+    /// The config key of a retrieval's own section.
+    pub const SECTION: &'static str = "model.retrieval_config";
+}
+
+/// The factory of a retrieval that is a `Config` and a `load` (see
+/// [`crate::backbone::BackboneFactory`]; a retrieval has no parameters, so
+/// no `VarBuilder`); errors name `model.retrieval_config`.
+pub struct RetrievalFactory<C, R> {
+    load: fn(&RetrievalSpec, C) -> Result<R>,
+}
+
+impl<C, R> RetrievalFactory<C, R> {
+    pub const fn new(load: fn(&RetrievalSpec, C) -> Result<R>) -> Self {
+        RetrievalFactory { load }
+    }
+}
+
+impl<C, R> RetrievalPlugin for RetrievalFactory<C, R>
+where
+    C: serde::de::DeserializeOwned,
+    R: Retrieval + 'static,
+{
+    fn build(&self, spec: &RetrievalSpec) -> Result<Box<dyn Retrieval>> {
+        let cfg = crate::parse_plugin_config(RetrievalSpec::SECTION, &spec.config)?;
+        Ok(Box::new((self.load)(spec, cfg)?))
+    }
+}

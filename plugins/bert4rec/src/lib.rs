@@ -3,9 +3,9 @@
 //! scaled by sqrt(d), plus a learned positional embedding, then dropout, then the
 //! pre-LN transformer stack of [`llm_esr_runtime::transformer`] (eps 1e-8,
 //! Xavier-normal weights) attending in both directions. Its objective is the
-//! cloze task ([`Objective::Cloze`]): the host replaces items by the mask token
-//! with probability `mask_prob` and computes the loss at the masked positions;
-//! this crate only encodes.
+//! cloze task ([`Cloze`], built into the runtime): items are replaced by the
+//! mask token with probability `mask_prob` and the loss is computed at the
+//! masked positions; this crate only encodes.
 //!
 //! Differences from the official code, all switchable:
 //! - the official encoder applies no key padding mask (padding keys take part in
@@ -27,7 +27,7 @@ use llm_esr_runtime::ops;
 use llm_esr_runtime::serde::Deserialize;
 use llm_esr_runtime::transformer::{Attention, EncoderConfig, TransformerEncoder};
 use llm_esr_runtime::{
-    export_plugin, Backbone, BackbonePlugin, BackboneSpec, ForwardCtx, Objective, Plugin,
+    export_plugin, Backbone, BackboneSpec, Cloze, ForwardCtx, TrainingObjective,
 };
 
 /// How positions are numbered.
@@ -159,27 +159,14 @@ impl Backbone for Bert4Rec {
         self.encoder.forward(x, mask, ctx)
     }
 
-    fn objective(&self) -> Objective {
-        Objective::Cloze {
+    fn objective(&self) -> Box<dyn TrainingObjective> {
+        Box::new(Cloze {
             mask_prob: self.mask_prob,
-        }
+        })
     }
 }
 
-pub struct Bert4RecPlugin;
-
-impl BackbonePlugin for Bert4RecPlugin {
-    fn build(&self, vb: VarBuilder, spec: &BackboneSpec) -> Result<Box<dyn Backbone>> {
-        let cfg: Config = llm_esr_runtime::parse_plugin_config("model.encoder", &spec.config)?;
-        Ok(Box::new(Bert4Rec::load(vb, spec, cfg)?))
-    }
-}
-
-fn create() -> Plugin {
-    Plugin::Backbone(Box::new(Bert4RecPlugin))
-}
-
-export_plugin!(backbone, "bert4rec", create);
+export_plugin!(backbone, "bert4rec", load = Bert4Rec::load);
 
 #[cfg(test)]
 mod tests {
@@ -187,7 +174,7 @@ mod tests {
     use llm_esr_runtime::candle::{Device, D};
     use llm_esr_runtime::params::{params_without_gradient, ParamStore};
     use llm_esr_runtime::serde_json::json;
-    use llm_esr_runtime::{testing, Rng};
+    use llm_esr_runtime::{testing, BackboneFactory, BackbonePlugin, Rng};
 
     const D_MODEL: usize = 8;
     const MAX_LEN: usize = 12;
@@ -206,7 +193,7 @@ mod tests {
         config: llm_esr_runtime::serde_json::Value,
     ) -> (ParamStore, Box<dyn Backbone>) {
         let store = ParamStore::new(seed);
-        let model = Bert4RecPlugin
+        let model = BackboneFactory::new(Bert4Rec::load)
             .build(store.var_builder(&Device::Cpu), &spec(config))
             .unwrap();
         (store, model)
@@ -244,7 +231,7 @@ mod tests {
             "{err}"
         );
         let store = ParamStore::new(0);
-        let err = Bert4RecPlugin
+        let err = BackboneFactory::new(Bert4Rec::load)
             .build(
                 store.var_builder(&Device::Cpu),
                 &spec(json!({"mask_prob": 1.5})),
@@ -258,9 +245,11 @@ mod tests {
     #[test]
     fn objective_is_cloze() {
         let (_, model) = build(1, json!({"mask_prob": 0.3}));
-        assert_eq!(model.objective(), Objective::Cloze { mask_prob: 0.3 });
+        assert_eq!(model.objective().describe(), "cloze (mask_prob 0.3)");
+        assert_eq!(model.objective().copies(), 2);
+        assert!(model.objective().needs_mask_token());
         let (_, model) = build(1, json!(null));
-        assert_eq!(model.objective(), Objective::Cloze { mask_prob: 0.6 });
+        assert_eq!(model.objective().describe(), "cloze (mask_prob 0.6)");
     }
 
     #[test]

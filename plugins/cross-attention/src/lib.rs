@@ -10,8 +10,9 @@
 //! sqrt(d_head) (the official order), softmax, `@ V`, an output Linear with bias.
 //! As in the official code there is no dropout, no residual and no norm, and
 //! the rows of padding queries are not zeroed (they attend to the items like any
-//! other query; the backbones ignore padding rows). `enabled: false` returns
-//! both views unchanged and creates no weights (the "w/o CA" ablation).
+//! other query; the backbones ignore padding rows). With
+//! `FusionSpec::cross_attention` false (`model.cross_attention: false`, the
+//! "w/o CA" ablation) both views pass unchanged and no weights are created.
 //!
 //! Logit level: user vector `[u_co : u_se]`, item vector `[e_co : e_se]` on the
 //! last dimension, so score = <u_co, e_co> + <u_se, e_se>.
@@ -23,24 +24,19 @@ use llm_esr_runtime::candle::{Module, Result, Tensor, D};
 use llm_esr_runtime::candle_nn::{Linear, VarBuilder};
 use llm_esr_runtime::params::xavier_normal;
 use llm_esr_runtime::serde::Deserialize;
-use llm_esr_runtime::{export_plugin, ops, ForwardCtx, Fusion, FusionPlugin, FusionSpec, Plugin};
+use llm_esr_runtime::{export_plugin, ops, ForwardCtx, Fusion, FusionSpec};
 
 /// `model.fusion_config` for the cross-attention fusion.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(crate = "llm_esr_runtime::serde", deny_unknown_fields, default)]
 pub struct Config {
-    /// Sequence-level cross-attention on (default) or off ("w/o CA").
-    pub enabled: bool,
     /// Attention heads of each direction (official 2); must divide the hidden size.
     pub heads: usize,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config {
-            enabled: true,
-            heads: 2,
-        }
+        Config { heads: 2 }
     }
 }
 
@@ -98,14 +94,14 @@ impl CrossAttention {
 }
 
 pub struct CrossAttentionFusion {
-    /// (llm2id, id2llm) when enabled.
+    /// (llm2id, id2llm) when `spec.cross_attention`.
     attention: Option<(CrossAttention, CrossAttention)>,
 }
 
 impl CrossAttentionFusion {
     pub fn load(vb: VarBuilder, spec: &FusionSpec, cfg: Config) -> Result<Self> {
         let d = spec.hidden;
-        if !cfg.enabled {
+        if !spec.cross_attention {
             return Ok(CrossAttentionFusion { attention: None });
         }
         if d.checked_rem(cfg.heads) != Some(0) {
@@ -168,21 +164,7 @@ impl Fusion for CrossAttentionFusion {
     }
 }
 
-pub struct CrossAttentionPlugin;
-
-impl FusionPlugin for CrossAttentionPlugin {
-    fn build(&self, vb: VarBuilder, spec: &FusionSpec) -> Result<Box<dyn Fusion>> {
-        let cfg: Config =
-            llm_esr_runtime::parse_plugin_config("model.fusion_config", &spec.config)?;
-        Ok(Box::new(CrossAttentionFusion::load(vb, spec, cfg)?))
-    }
-}
-
-fn create() -> Plugin {
-    Plugin::Fusion(Box::new(CrossAttentionPlugin))
-}
-
-export_plugin!(fusion, "cross-attention", create);
+export_plugin!(fusion, "cross-attention", load = CrossAttentionFusion::load);
 
 #[cfg(test)]
 mod tests {
@@ -190,22 +172,36 @@ mod tests {
     use llm_esr_runtime::candle::{DType, Device};
     use llm_esr_runtime::params::{params_without_gradient, ParamStore};
     use llm_esr_runtime::serde_json::{json, Value};
-    use llm_esr_runtime::Rng;
+    use llm_esr_runtime::{FusionFactory, FusionPlugin, Rng};
 
     fn spec(hidden: usize, config: Value) -> FusionSpec {
         FusionSpec {
             hidden,
             dropout: 0.5,
+            cross_attention: true,
             config,
         }
     }
 
-    fn build(seed: u64, hidden: usize, config: Value) -> (ParamStore, Box<dyn Fusion>) {
+    fn build_spec(seed: u64, spec: &FusionSpec) -> (ParamStore, Box<dyn Fusion>) {
         let store = ParamStore::new(seed);
-        let fusion = CrossAttentionPlugin
-            .build(store.var_builder(&Device::Cpu), &spec(hidden, config))
+        let fusion = FusionFactory::new(CrossAttentionFusion::load)
+            .build(store.var_builder(&Device::Cpu), spec)
             .unwrap();
         (store, fusion)
+    }
+
+    fn build(seed: u64, hidden: usize, config: Value) -> (ParamStore, Box<dyn Fusion>) {
+        build_spec(seed, &spec(hidden, config))
+    }
+
+    /// The "w/o CA" ablation: `model.cross_attention: false`.
+    fn build_without_cross_attention(seed: u64, hidden: usize) -> (ParamStore, Box<dyn Fusion>) {
+        let spec = FusionSpec {
+            cross_attention: false,
+            ..spec(hidden, json!(null))
+        };
+        build_spec(seed, &spec)
     }
 
     fn randn(shape: (usize, usize, usize), rng: &mut Rng) -> Tensor {
@@ -290,8 +286,15 @@ mod tests {
     fn config_defaults_and_errors() {
         let cfg: Config =
             llm_esr_runtime::parse_plugin_config("model.fusion_config", &json!(null)).unwrap();
-        assert!(cfg.enabled);
         assert_eq!(cfg.heads, 2);
+        // The ablation switch is `FusionSpec::cross_attention`, not a key.
+        let err = llm_esr_runtime::parse_plugin_config::<Config>(
+            "model.fusion_config",
+            &json!({"enabled": false}),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("enabled"), "{err}");
         let err = llm_esr_runtime::parse_plugin_config::<Config>(
             "model.fusion_config",
             &json!({"residual": true}),
@@ -303,7 +306,7 @@ mod tests {
             "{err}"
         );
         let store = ParamStore::new(0);
-        let err = CrossAttentionPlugin
+        let err = FusionFactory::new(CrossAttentionFusion::load)
             .build(
                 store.var_builder(&Device::Cpu),
                 &spec(6, json!({"heads": 4})),
@@ -327,7 +330,7 @@ mod tests {
             want.push(format!("{p}.linear_output.bias"));
         }
         assert_eq!(names, want);
-        let (store, _) = build(1, 4, json!({"enabled": false}));
+        let (store, _) = build_without_cross_attention(1, 4);
         assert!(store.vars().is_empty());
     }
 
@@ -422,7 +425,7 @@ mod tests {
 
     #[test]
     fn disabled_passes_views_through() {
-        let (_, fusion) = build(6, 4, json!({"enabled": false}));
+        let (_, fusion) = build_without_cross_attention(6, 4);
         let mut rng = Rng::new(7);
         let co = randn((2, 3, 4), &mut rng);
         let se = randn((2, 3, 4), &mut rng);

@@ -31,7 +31,7 @@ use llm_esr_runtime::candle_nn::VarBuilder;
 use llm_esr_runtime::params::xavier_normal;
 use llm_esr_runtime::serde::Deserialize;
 use llm_esr_runtime::{
-    export_plugin, Backbone, BackbonePlugin, BackboneSpec, ForwardCtx, Objective, Plugin,
+    export_plugin, Backbone, BackboneSpec, ForwardCtx, NextItem, TrainingObjective,
 };
 
 /// `model.encoder` for GRU4Rec.
@@ -161,25 +161,13 @@ impl Backbone for Gru4Rec {
         x.broadcast_mul(&keep)
     }
 
-    fn objective(&self) -> Objective {
-        Objective::LastPosition
+    /// Next item at the last position only, as the official GRU4Rec.
+    fn objective(&self) -> Box<dyn TrainingObjective> {
+        Box::new(NextItem::last_position())
     }
 }
 
-pub struct Gru4RecPlugin;
-
-impl BackbonePlugin for Gru4RecPlugin {
-    fn build(&self, vb: VarBuilder, spec: &BackboneSpec) -> Result<Box<dyn Backbone>> {
-        let cfg: Config = llm_esr_runtime::parse_plugin_config("model.encoder", &spec.config)?;
-        Ok(Box::new(Gru4Rec::load(vb, spec, cfg)?))
-    }
-}
-
-fn create() -> Plugin {
-    Plugin::Backbone(Box::new(Gru4RecPlugin))
-}
-
-export_plugin!(backbone, "gru4rec", create);
+export_plugin!(backbone, "gru4rec", load = Gru4Rec::load);
 
 #[cfg(test)]
 mod tests {
@@ -187,7 +175,7 @@ mod tests {
     use llm_esr_runtime::candle::{DType, Device};
     use llm_esr_runtime::params::{params_without_gradient, ParamStore};
     use llm_esr_runtime::serde_json::{json, Value};
-    use llm_esr_runtime::{testing, Rng};
+    use llm_esr_runtime::{testing, BackboneFactory, BackbonePlugin, Rng};
 
     const D_MODEL: usize = 6;
     const MAX_LEN: usize = 12;
@@ -203,7 +191,7 @@ mod tests {
 
     fn build(seed: u64, config: Value) -> (ParamStore, Box<dyn Backbone>) {
         let store = ParamStore::new(seed);
-        let model = Gru4RecPlugin
+        let model = BackboneFactory::new(Gru4Rec::load)
             .build(store.var_builder(&Device::Cpu), &spec(config))
             .unwrap();
         (store, model)
@@ -259,7 +247,7 @@ mod tests {
             "{err}"
         );
         let store = ParamStore::new(0);
-        let err = Gru4RecPlugin
+        let err = BackboneFactory::new(Gru4Rec::load)
             .build(store.var_builder(&Device::Cpu), &spec(json!({"layers": 0})))
             .err()
             .unwrap()
@@ -270,7 +258,10 @@ mod tests {
     #[test]
     fn objective_and_parameters() {
         let (store, model) = build(1, json!({"layers": 2}));
-        assert_eq!(model.objective(), Objective::LastPosition);
+        assert_eq!(
+            model.objective().describe(),
+            NextItem::last_position().describe()
+        );
         let names: Vec<String> = store.vars().into_iter().map(|(n, _)| n).collect();
         assert_eq!(
             names,

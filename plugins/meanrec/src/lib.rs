@@ -7,8 +7,7 @@ use llm_esr_runtime::candle_nn::{Linear, VarBuilder};
 use llm_esr_runtime::ops::{self, LayerNorm};
 use llm_esr_runtime::serde::Deserialize;
 use llm_esr_runtime::{
-    export_plugin, parse_plugin_config, Backbone, BackbonePlugin, BackboneSpec, ForwardCtx,
-    Objective, Plugin,
+    export_plugin, Backbone, BackboneSpec, ForwardCtx, NextItem, TrainingObjective,
 };
 
 /// `model.encoder` for MeanRec.
@@ -66,32 +65,22 @@ impl Backbone for MeanRec {
         h.broadcast_mul(&keep) // zero rows at padding
     }
 
-    fn objective(&self) -> Objective {
-        Objective::AllPositions
+    fn objective(&self) -> Box<dyn TrainingObjective> {
+        // Next item at every position, built into the runtime.
+        Box::new(NextItem::all_positions())
     }
 }
 
-pub struct MeanRecPlugin;
-
-impl BackbonePlugin for MeanRecPlugin {
-    fn build(&self, vb: VarBuilder, spec: &BackboneSpec) -> Result<Box<dyn Backbone>> {
-        let cfg: Config = parse_plugin_config("model.encoder", &spec.config)?;
-        Ok(Box::new(MeanRec::load(vb, spec, cfg)?))
-    }
-}
-
-fn create() -> Plugin {
-    Plugin::Backbone(Box::new(MeanRecPlugin))
-}
-
-export_plugin!(backbone, "meanrec", create);
+// The factory, `create` and the declaration: parses `model.encoder` into
+// `Config` and calls `MeanRec::load`.
+export_plugin!(backbone, "meanrec", load = MeanRec::load);
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use llm_esr_runtime::candle::Device;
     use llm_esr_runtime::params::{params_without_gradient, ParamStore};
-    use llm_esr_runtime::{testing, Rng};
+    use llm_esr_runtime::{testing, BackboneFactory, BackbonePlugin, Rng};
 
     fn build(store: &ParamStore) -> Result<Box<dyn Backbone>> {
         let spec = BackboneSpec {
@@ -100,7 +89,7 @@ mod tests {
             dropout: 0.1,
             config: llm_esr_runtime::serde_json::Value::Null, // = all defaults
         };
-        MeanRecPlugin.build(store.var_builder(&Device::Cpu), &spec)
+        BackboneFactory::new(MeanRec::load).build(store.var_builder(&Device::Cpu), &spec)
     }
 
     #[test]

@@ -20,7 +20,7 @@ use llm_esr_runtime::ops;
 use llm_esr_runtime::serde::Deserialize;
 use llm_esr_runtime::transformer::{Attention, EncoderConfig, TransformerEncoder};
 use llm_esr_runtime::{
-    export_plugin, Backbone, BackbonePlugin, BackboneSpec, ForwardCtx, Objective, Plugin,
+    export_plugin, Backbone, BackboneSpec, ForwardCtx, NextItem, TrainingObjective,
 };
 
 /// `model.encoder` for SASRec.
@@ -102,22 +102,10 @@ impl Backbone for SasRec {
         self.encoder.forward(x, mask, ctx)
     }
 
-    fn objective(&self) -> Objective {
-        Objective::AllPositions
+    /// Next item at every position (the encoder is causal by default).
+    fn objective(&self) -> Box<dyn TrainingObjective> {
+        Box::new(NextItem::all_positions())
     }
 }
 
-pub struct SasRecPlugin;
-
-impl BackbonePlugin for SasRecPlugin {
-    fn build(&self, vb: VarBuilder, spec: &BackboneSpec) -> Result<Box<dyn Backbone>> {
-        let cfg: Config = llm_esr_runtime::parse_plugin_config("model.encoder", &spec.config)?;
-        Ok(Box::new(SasRec::load(vb, spec, cfg)?))
-    }
-}
-
-fn create() -> Plugin {
-    Plugin::Backbone(Box::new(SasRecPlugin))
-}
-
-export_plugin!(backbone, "sasrec", create);
+export_plugin!(backbone, "sasrec", load = SasRec::load);

@@ -15,7 +15,7 @@
 
 use llm_esr_runtime::candle::{DType, Result, Tensor};
 use llm_esr_runtime::serde::Deserialize;
-use llm_esr_runtime::{export_plugin, Plugin, Retrieval, RetrievalPlugin, RetrievalSpec};
+use llm_esr_runtime::{export_plugin, Retrieval, RetrievalSpec};
 
 /// `model.retrieval_config` for semantic kNN.
 #[derive(Debug, Clone, Deserialize)]
@@ -105,27 +105,16 @@ impl Retrieval for SemanticKnn {
     }
 }
 
-pub struct SemanticKnnPlugin;
-
-impl RetrievalPlugin for SemanticKnnPlugin {
-    fn build(&self, spec: &RetrievalSpec) -> Result<Box<dyn Retrieval>> {
-        let cfg: Config =
-            llm_esr_runtime::parse_plugin_config("model.retrieval_config", &spec.config)?;
-        Ok(Box::new(SemanticKnn::load(spec, cfg)?))
-    }
-}
-
-fn create() -> Plugin {
-    Plugin::Retrieval(Box::new(SemanticKnnPlugin))
-}
-
-export_plugin!(retrieval, "semantic-knn", create);
+export_plugin!(retrieval, "semantic-knn", load = SemanticKnn::load);
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use llm_esr_runtime::candle::{Device, Var};
     use llm_esr_runtime::serde_json::{json, Value};
+    use llm_esr_runtime::{RetrievalFactory, RetrievalPlugin};
+
+    const FACTORY: RetrievalFactory<Config, SemanticKnn> = RetrievalFactory::new(SemanticKnn::load);
 
     fn table() -> Tensor {
         // 4 users, 3 neighbours stored each, best first.
@@ -137,14 +126,14 @@ mod tests {
     }
 
     fn build(config: Value) -> Result<Box<dyn Retrieval>> {
-        SemanticKnnPlugin.build(&RetrievalSpec {
+        FACTORY.build(&RetrievalSpec {
             neighbours: table(),
             config,
         })
     }
 
     fn err(config: Value, neighbours: Tensor) -> String {
-        SemanticKnnPlugin
+        FACTORY
             .build(&RetrievalSpec { neighbours, config })
             .err()
             .unwrap()
@@ -176,7 +165,7 @@ mod tests {
         assert!(e.contains("7") && e.contains("user 0"), "{e}");
         // Out-of-range ids beyond the first n are not used and not checked.
         let ok = Tensor::new(&[[1u32, 7], [0, 9]], &Device::Cpu).unwrap();
-        assert!(SemanticKnnPlugin
+        assert!(FACTORY
             .build(&RetrievalSpec {
                 neighbours: ok,
                 config: json!({"n": 1})
