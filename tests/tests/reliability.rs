@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use llm_esr_tests::{
-    binary, dataset, embed_random_artifacts, poke_safetensors, results, run_cli, snapshot, text,
-    tiny_train_args, workspace_root,
+    binary, dataset, embed_random_artifacts, epoch_lines, poke_safetensors, results, run_cli,
+    snapshot, text, tiny_train_args, workspace_root,
 };
 
 fn train(out: &Path, name: &str, sets: &[&str], extra: &[&str]) -> std::process::Output {
@@ -201,15 +201,7 @@ fn two_trains_of_one_run_cannot_interleave() {
         "{err}"
     );
     assert!(first.wait().unwrap().success());
-    let epochs: Vec<u64> = std::fs::read_to_string(tmp.path().join("one/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["epoch"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let epochs = logged_epochs(&tmp.path().join("one"));
     assert_eq!(epochs, vec![1, 2, 3]);
     assert!(!holder.exists(), "the holder file outlived the run");
 }
@@ -290,6 +282,14 @@ fn a_dataset_without_evaluable_users_is_an_error() {
     assert!(!tmp.path().join("empty").exists());
 }
 
+/// The epoch numbers of a run's metrics.jsonl, in order.
+fn logged_epochs(run: &Path) -> Vec<u64> {
+    epoch_lines(run)
+        .iter()
+        .map(|l| l["epoch"].as_u64().unwrap())
+        .collect()
+}
+
 fn sha256(path: &Path) -> String {
     let out = Command::new("sha256sum").arg(path).output().unwrap();
     text(&out.stdout)
@@ -324,15 +324,7 @@ fn a_resume_drops_epoch_lines_the_checkpoint_does_not_hold() {
     std::fs::write(&metrics, text_now).unwrap();
     let out = train(tmp.path(), "k", &["train.epochs=2"], &["--resume"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let epochs: Vec<u64> = std::fs::read_to_string(&metrics)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["epoch"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let epochs = logged_epochs(&tmp.path().join("k"));
     assert_eq!(epochs, vec![1, 2]);
     assert!(!std::fs::read_to_string(&metrics).unwrap().contains("9.0"));
 }
