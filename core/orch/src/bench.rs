@@ -10,7 +10,7 @@ use llm_esr_runtime::Rng;
 use serde_json::json;
 
 use crate::config::Config;
-use crate::data::training_samples;
+use crate::data::{training_samples, Dataset};
 use crate::train::Run;
 
 /// Times `steps` training steps (forward, backward, all-reduce, update) after
@@ -18,11 +18,12 @@ use crate::train::Run;
 /// their median.
 pub fn run(
     cfg: &Config,
+    ds: Dataset,
     comm: &dyn Communicator,
     warmup: usize,
     steps: usize,
 ) -> Result<serde_json::Value> {
-    let run = Run::new(cfg, comm)?;
+    let run = Run::new(cfg, comm, ds)?;
     let mut adam = run.start(None)?.adam;
     let mut samples = training_samples(&run.ds, run.model.objective())?;
     Rng::derive(cfg.seed, 0).shuffle(&mut samples);

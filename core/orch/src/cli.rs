@@ -182,8 +182,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let cfg = Config::load(&config, &set)?;
             let comm = init_comm(&cfg.distributed.backend)?;
             logging::init(cli.log_format, comm.rank());
-            crate::preflight::check(&cfg)?;
-            let out = crate::bench::run(&cfg, comm.as_ref(), warmup as usize, steps as usize)?;
+            let ds = crate::preflight::check(&cfg)?;
+            let out = crate::bench::run(&cfg, ds, comm.as_ref(), warmup as usize, steps as usize)?;
             if comm.rank() == 0 {
                 println!("{}", serde_json::to_string(&out)?);
             }

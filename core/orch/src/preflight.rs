@@ -20,10 +20,12 @@ use crate::config::{config_error, is_config_error, Config, EvalMode, Variant};
 use crate::data::Dataset;
 use crate::plugin_host;
 
-/// Loads the dataset of `cfg` and checks the config against it.
-pub fn check(cfg: &Config) -> Result<()> {
+/// Loads the dataset of `cfg` and checks the config against it; returns the
+/// dataset for the run, so that it is read once.
+pub fn check(cfg: &Config) -> Result<Dataset> {
     let ds = Dataset::load(&cfg.data_dir()?)?;
-    check_with(cfg, &ds)
+    check_with(cfg, &ds)?;
+    Ok(ds)
 }
 
 /// [`check`] of many configs (a sweep), loading each dataset once.

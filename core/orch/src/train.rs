@@ -76,7 +76,7 @@ pub fn train(
     crate::data::check_prepared(&cfg.data_dir()?)?;
     crate::assemble::check_artifacts_dir(cfg)?;
     // The config against the dataset, the artifacts and memory.
-    crate::preflight::check(cfg)?;
+    let ds = crate::preflight::check(cfg)?;
     // Every check comes before the first write: a refused command leaves the
     // run directory as it was.
     let mut run_dir = RunDir::lock(&cfg.run_dir()?, rank0)?;
@@ -86,7 +86,7 @@ pub fn train(
     } else {
         vec![]
     };
-    let run = Run::new(cfg, comm)?;
+    let run = Run::new(cfg, comm, ds)?;
     let start = run.start(opts.resume.then(|| run_dir.file(CHECKPOINT)).as_deref())?;
     comm.barrier()?;
     if rank0 {
@@ -109,22 +109,14 @@ pub fn train(
 }
 
 impl<'a> Run<'a> {
-    /// Loads the dataset, long-tail groups, artifacts and model of `cfg`.
-    pub(crate) fn new(cfg: &'a Config, comm: &'a dyn Communicator) -> Result<Run<'a>> {
+    /// Loads the long-tail groups, artifacts and model of `cfg` for the
+    /// dataset `ds` (loaded and checked by [`crate::preflight::check`]).
+    pub(crate) fn new(cfg: &'a Config, comm: &'a dyn Communicator, ds: Dataset) -> Result<Run<'a>> {
         let device = llm_esr_prep::device::parse_device(
             &cfg.train.device,
             comm.local_rank(),
             "train.device",
         )?;
-        let ds = Dataset::load(&cfg.data_dir()?)?;
-        if ds.eval_users().is_empty() {
-            return Err(config_error(format!(
-                "config key `data.dir`: no user of {} has the 3 interactions that leave-one-out \
-                 evaluation needs (training items, a validation and a test target): nothing \
-                 could be evaluated",
-                ds.dir.display()
-            )));
-        }
         info!(
             users = ds.num_users,
             items = ds.num_items,
