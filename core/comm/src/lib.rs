@@ -13,8 +13,9 @@
 //! but started by another MPI's launcher.
 //!
 //! What it is not: it knows nothing about tensors or candle (it must not depend
-//! on candle; the trainer flattens gradients into a host buffer, and a
-//! device-resident path exists only on `NcclComm` for cudarc slices); it has no
+//! on candle; the trainer hands it the memory of its flat gradient tensor: a
+//! host slice on the CPU, a cudarc slice through `Communicator::as_nccl` on a
+//! GPU); it has no
 //! point-to-point messages, no non-blocking collectives and no bucketing (the
 //! trainer decides the buckets); and it does not start processes: `mpirun`,
 //! `srun` or the scripts in `cluster/` do.
@@ -79,6 +80,13 @@ pub trait Communicator: Send {
     /// `rank() == 0`: the rank that writes files and reports progress.
     fn is_root(&self) -> bool {
         self.rank() == 0
+    }
+
+    /// The NCCL communicator itself, when this is one: the trainer sums GPU
+    /// tensors with it where they are ([`NcclComm::all_reduce_sum_device`]).
+    #[cfg(feature = "nccl")]
+    fn as_nccl(&self) -> Option<&NcclComm> {
+        None
     }
 
     /// Ends the whole job with exit code `code`, from any rank, without

@@ -247,6 +247,10 @@ impl NcclComm {
 }
 
 impl Communicator for NcclComm {
+    fn as_nccl(&self) -> Option<&NcclComm> {
+        Some(self)
+    }
+
     fn rank(&self) -> usize {
         self.mpi.rank()
     }

@@ -71,15 +71,15 @@ pub fn grouping(cfg: &Config, ds: &Dataset, lt: &LongTail, split: Split) -> Grou
     let by_input =
         split == Split::Test && cfg.data.long_tail.test_users_by == TestUserLength::TestInput;
     let user_head = if by_input {
-        (0..ds.num_users)
+        ds.users()
             .map(|u| {
                 let (input, _) = ds.eval_case(u, Split::Test);
                 lt.is_head_len(input.len().min(cfg.data.max_len))
             })
             .collect()
     } else {
-        // LongTail indexes users from 1; evaluation from 0.
-        lt.head_users[1..].to_vec()
+        // LongTail indexes users by id (from 1); evaluation by index.
+        ds.users().map(|u| lt.head_users[u.id() as usize]).collect()
     };
     Grouping {
         item_head: Some(lt.head_items.clone()),

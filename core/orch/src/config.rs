@@ -542,7 +542,7 @@ impl Config {
         }
         let longest = eval_users
             .iter()
-            .map(|&u| ds.history(u as usize).len())
+            .map(|&u| ds.history(u).len())
             .max()
             .unwrap_or(0);
         let unseen = ds.num_items.saturating_sub(longest);

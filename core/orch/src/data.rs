@@ -25,11 +25,47 @@ pub fn check_prepared(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A user of a dataset, by 0-based index: the position of its sequence.
+///
+/// Files, `recommend` and the long-tail tables number users from 1:
+/// [`UserIdx::from_id`] and [`UserIdx::id`] are the only conversions. Plugins
+/// (retrieval) take the 0-based index as a plain `u32` ([`UserIdx::index32`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UserIdx(u32);
+
+impl UserIdx {
+    /// The user at 0-based position `index`.
+    pub fn new(index: u32) -> UserIdx {
+        UserIdx(index)
+    }
+
+    /// The user numbered `id` (from 1) in files and on the command line;
+    /// `None` for 0.
+    pub fn from_id(id: u32) -> Option<UserIdx> {
+        id.checked_sub(1).map(UserIdx)
+    }
+
+    /// The number of this user in files (from 1).
+    pub fn id(self) -> u32 {
+        self.0 + 1
+    }
+
+    /// The 0-based position, for indexing.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+
+    /// The 0-based position as plugins take it.
+    pub fn index32(self) -> u32 {
+        self.0
+    }
+}
+
 pub struct Dataset {
     pub dir: PathBuf,
     pub num_users: usize,
     pub num_items: usize,
-    /// `seqs[u - 1]` is user u's full sequence.
+    /// `seqs[u.index()]` is user `u`'s full sequence.
     pub seqs: Vec<Vec<u32>>,
     /// Each user's items, sorted, for membership tests.
     history: Vec<Vec<u32>>,
@@ -64,22 +100,43 @@ impl Dataset {
         self.seqs.iter().map(Vec::len).sum()
     }
 
-    /// Training part of user index `u` (0-based): `seq[:-2]`, or the whole
-    /// sequence of a user with fewer than 3 items (see [`llm_esr_prep::train_part`]).
-    pub fn train_seq(&self, u: usize) -> &[u32] {
-        llm_esr_prep::train_part(&self.seqs[u])
+    /// Every user, in order.
+    pub fn users(&self) -> impl Iterator<Item = UserIdx> {
+        (0..self.num_users as u32).map(UserIdx)
     }
 
-    /// Users (0-based) that can be evaluated: at least one input item.
-    pub fn eval_users(&self) -> Vec<u32> {
-        (0..self.num_users as u32)
-            .filter(|&u| self.seqs[u as usize].len() >= 3)
+    /// The user numbered `id` (from 1), or an error saying which ids exist.
+    pub fn user_by_id(&self, id: u32) -> Result<UserIdx> {
+        match UserIdx::from_id(id) {
+            Some(u) if u.index() < self.num_users => Ok(u),
+            _ => bail!(
+                "unknown user {id}: the dataset has users 1..={}",
+                self.num_users
+            ),
+        }
+    }
+
+    /// User `u`'s full sequence.
+    pub fn sequence(&self, u: UserIdx) -> &[u32] {
+        &self.seqs[u.index()]
+    }
+
+    /// Training part of user `u`: `seq[:-2]`, or the whole sequence of a
+    /// user with fewer than 3 items (see [`llm_esr_prep::train_part`]).
+    pub fn train_seq(&self, u: UserIdx) -> &[u32] {
+        llm_esr_prep::train_part(self.sequence(u))
+    }
+
+    /// Users that can be evaluated: at least one input item.
+    pub fn eval_users(&self) -> Vec<UserIdx> {
+        self.users()
+            .filter(|&u| self.sequence(u).len() >= 3)
             .collect()
     }
 
     /// Input and target for evaluation of user `u` on `split`.
-    pub fn eval_case(&self, u: usize, split: Split) -> (&[u32], u32) {
-        let s = &self.seqs[u];
+    pub fn eval_case(&self, u: UserIdx, split: Split) -> (&[u32], u32) {
+        let s = self.sequence(u);
         let n = s.len();
         match split {
             Split::Valid => (&s[..n - 2], s[n - 2]),
@@ -87,17 +144,18 @@ impl Dataset {
         }
     }
 
-    pub fn has_item(&self, u: usize, item: u32) -> bool {
-        self.history[u].binary_search(&item).is_ok()
+    pub fn has_item(&self, u: UserIdx, item: u32) -> bool {
+        self.history(u).binary_search(&item).is_ok()
     }
 
-    pub fn history(&self, u: usize) -> &[u32] {
-        &self.history[u]
+    /// User `u`'s distinct items, sorted.
+    pub fn history(&self, u: UserIdx) -> &[u32] {
+        &self.history[u.index()]
     }
 
     /// A uniform item the user never interacted with.
-    pub fn sample_negative(&self, u: usize, rng: &mut Rng) -> u32 {
-        if self.history[u].len() >= self.num_items {
+    pub fn sample_negative(&self, u: UserIdx, rng: &mut Rng) -> u32 {
+        if self.history(u).len() >= self.num_items {
             // Degenerate: the user has every item. Any item is as good as none.
             return 1 + rng.below(self.num_items as u64) as u32;
         }
@@ -172,32 +230,36 @@ impl Targets {
     }
 }
 
-/// One training sample: a user (0-based) and which of its copies per epoch
+/// One training sample: a user and which of its copies per epoch
 /// (`0..objective.copies()`; BERT4Rec's cloze has two: random masking, then
 /// the last item masked).
-pub type Sample = (u32, u32);
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    pub user: UserIdx,
+    pub copy: u32,
+}
 
 /// The training samples of an epoch, before shuffling: copy 0 of every user
 /// the objective accepts, in user order, then copy 1 of each, and so on.
 pub fn training_samples(ds: &Dataset, objective: &GuardedObjective) -> Result<Vec<Sample>> {
     let mut users = Vec::new();
-    for u in 0..ds.num_users as u32 {
-        if objective.qualifies(ds.train_seq(u as usize))? {
+    for u in ds.users() {
+        if objective.qualifies(ds.train_seq(u))? {
             users.push(u);
         }
     }
     Ok((0..objective.copies() as u32)
-        .flat_map(|copy| users.iter().map(move |&u| (u, copy)))
+        .flat_map(|copy| users.iter().map(move |&user| Sample { user, copy }))
         .collect())
 }
 
 /// Seed of the per-user stream of an epoch: the same user draws the same
 /// negatives whichever rank or batch it lands in. Copy `c` of an objective
 /// with `k` copies per epoch draws from stream `k * epoch + c`.
-pub fn user_stream(seed: u64, epoch: usize, user: u32) -> Rng {
+pub fn user_stream(seed: u64, epoch: usize, user: UserIdx) -> Rng {
     Rng::derive(
         seed ^ 0x7472_6169_6e00_0000 ^ ((epoch as u64) << 32),
-        user as u64,
+        user.index() as u64,
     )
 }
 
@@ -219,9 +281,9 @@ pub fn training_batch(
 ) -> Result<(Padded, Targets)> {
     let copies = objective.copies();
     let mut examples = Vec::with_capacity(samples.len());
-    for &(u, copy) in samples {
+    for &Sample { user: u, copy } in samples {
         let mut rng = user_stream(seed, copies * epoch + copy as usize, u);
-        let mut sampler = |rng: &mut Rng| ds.sample_negative(u as usize, rng);
+        let mut sampler = |rng: &mut Rng| ds.sample_negative(u, rng);
         let mut ctx = ExampleCtx {
             rng: &mut rng,
             num_items: ds.num_items,
@@ -229,7 +291,7 @@ pub fn training_batch(
             mask_token,
             sampler: &mut sampler,
         };
-        examples.push(objective.example(copy as usize, ds.train_seq(u as usize), &mut ctx)?);
+        examples.push(objective.example(copy as usize, ds.train_seq(u), &mut ctx)?);
     }
     let inputs: Vec<&[u32]> = examples.iter().map(|e| e.input.as_slice()).collect();
     let padded = Padded::new(&inputs, max_len, to_max_len);
@@ -250,12 +312,12 @@ pub fn training_batch(
 }
 
 /// The fixed candidate negatives of a user for sampled evaluation.
-pub fn eval_negatives(ds: &Dataset, u: usize, split: Split, n: usize, seed: u64) -> Vec<u32> {
+pub fn eval_negatives(ds: &Dataset, u: UserIdx, split: Split, n: usize, seed: u64) -> Vec<u32> {
     let tag = match split {
         Split::Valid => 0x0076_616c_6964_u64,
         Split::Test => 0x7465_7374_u64,
     };
-    let mut rng = Rng::derive(seed ^ tag, u as u64);
+    let mut rng = Rng::derive(seed ^ tag, u.index() as u64);
     (0..n).map(|_| ds.sample_negative(u, &mut rng)).collect()
 }
 
@@ -300,18 +362,16 @@ mod tests {
     // enum `Objective`), kept to show that the built-in objectives give the
     // same batches, draw for draw.
 
-    fn old_training_samples(ds: &Dataset, cloze: bool) -> Vec<(u32, bool)> {
-        let users = 0..ds.num_users as u32;
+    fn old_training_samples(ds: &Dataset, cloze: bool) -> Vec<(UserIdx, bool)> {
+        let users = ds.users();
         if cloze {
-            let users: Vec<u32> = users
-                .filter(|&u| !ds.train_seq(u as usize).is_empty())
-                .collect();
-            let mut samples: Vec<(u32, bool)> = users.iter().map(|&u| (u, false)).collect();
+            let users: Vec<UserIdx> = users.filter(|&u| !ds.train_seq(u).is_empty()).collect();
+            let mut samples: Vec<(UserIdx, bool)> = users.iter().map(|&u| (u, false)).collect();
             samples.extend(users.iter().map(|&u| (u, true)));
             samples
         } else {
             users
-                .filter(|&u| ds.train_seq(u as usize).len() >= 2)
+                .filter(|&u| ds.train_seq(u).len() >= 2)
                 .map(|u| (u, false))
                 .collect()
         }
@@ -319,7 +379,7 @@ mod tests {
 
     fn old_next_item_batch(
         ds: &Dataset,
-        users: &[u32],
+        users: &[UserIdx],
         max_len: usize,
         to_max_len: bool,
         all_positions: bool,
@@ -329,7 +389,7 @@ mod tests {
         let inputs: Vec<&[u32]> = users
             .iter()
             .map(|&u| {
-                let t = ds.train_seq(u as usize);
+                let t = ds.train_seq(u);
                 &t[..t.len() - 1]
             })
             .collect();
@@ -338,7 +398,7 @@ mod tests {
         let mut pos = vec![0u32; padded.b * l];
         let mut neg = vec![0u32; padded.b * l];
         for (r, &u) in users.iter().enumerate() {
-            let t = ds.train_seq(u as usize);
+            let t = ds.train_seq(u);
             let targets = &t[1..];
             let targets = &targets[targets.len().saturating_sub(l)..];
             let mut rng = user_stream(seed, epoch, u);
@@ -346,7 +406,7 @@ mod tests {
             for (j, &item) in targets.iter().enumerate().skip(start) {
                 let k = r * l + (l - targets.len()) + j;
                 pos[k] = item;
-                neg[k] = ds.sample_negative(u as usize, &mut rng);
+                neg[k] = ds.sample_negative(u, &mut rng);
             }
         }
         (padded, Targets { pos, neg })
@@ -355,7 +415,7 @@ mod tests {
     #[allow(clippy::too_many_arguments)]
     fn old_cloze_batch(
         ds: &Dataset,
-        entries: &[(u32, bool)],
+        entries: &[(UserIdx, bool)],
         max_len: usize,
         to_max_len: bool,
         mask_token: u32,
@@ -367,7 +427,7 @@ mod tests {
         let mut labels: Vec<Vec<u32>> = Vec::with_capacity(entries.len());
         let mut negs: Vec<Vec<u32>> = Vec::with_capacity(entries.len());
         for &(u, last) in entries {
-            let seq = ds.train_seq(u as usize);
+            let seq = ds.train_seq(u);
             let mut rng = user_stream(seed, 2 * epoch + last as usize, u);
             let mut tok = seq.to_vec();
             let mut lab = vec![0u32; seq.len()];
@@ -376,7 +436,7 @@ mod tests {
                 let j = seq.len() - 1;
                 tok[j] = mask_token;
                 lab[j] = seq[j];
-                neg[j] = ds.sample_negative(u as usize, &mut rng);
+                neg[j] = ds.sample_negative(u, &mut rng);
             } else {
                 for (j, &s) in seq.iter().enumerate() {
                     let r = rng.next_f64();
@@ -390,7 +450,7 @@ mod tests {
                             s
                         };
                         lab[j] = s;
-                        neg[j] = ds.sample_negative(u as usize, &mut rng);
+                        neg[j] = ds.sample_negative(u, &mut rng);
                     }
                 }
             }
@@ -439,9 +499,9 @@ mod tests {
                     assert!(samples
                         .iter()
                         .zip(&old)
-                        .all(|(a, b)| a.0 == b.0 && a.1 == 0));
+                        .all(|(a, b)| a.user == b.0 && a.copy == 0));
                     for batch in samples.chunks(7) {
-                        let users: Vec<u32> = batch.iter().map(|s| s.0).collect();
+                        let users: Vec<UserIdx> = batch.iter().map(|s| s.user).collect();
                         let new = training_batch(
                             &ds, &objective, batch, max_len, to_max_len, None, seed, epoch,
                         )
@@ -460,7 +520,7 @@ mod tests {
                 assert!(samples
                     .iter()
                     .zip(&old)
-                    .all(|(a, b)| a.0 == b.0 && (a.1 == 1) == b.1));
+                    .all(|(a, b)| a.user == b.0 && (a.copy == 1) == b.1));
                 for (batch, old_batch) in samples.chunks(7).zip(old.chunks(7)) {
                     let new = training_batch(
                         &ds,
@@ -511,9 +571,21 @@ mod tests {
     fn an_invalid_example_is_an_error_naming_the_objective() {
         let ds = dataset(3, 30, 1);
         let objective = guarded(Broken);
-        let err = training_batch(&ds, &objective, &[(0, 0)], 5, false, None, 1, 0)
-            .unwrap_err()
-            .to_string();
+        let err = training_batch(
+            &ds,
+            &objective,
+            &[Sample {
+                user: UserIdx::new(0),
+                copy: 0,
+            }],
+            5,
+            false,
+            None,
+            1,
+            0,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             err.contains("`broken`") && err.contains("input token 999"),
             "{err}"

@@ -2,11 +2,11 @@
 //! is the mean of its similar users' representations, computed by the same
 //! model in training mode without gradient.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use llm_esr_runtime::candle::Tensor;
 use llm_esr_runtime::{ForwardCtx, Retrieval, Rng};
 
-use crate::data::{Dataset, Padded};
+use crate::data::{Dataset, Padded, UserIdx};
 use crate::model::{last_position, Recommender, Tables};
 
 /// Teacher sequences encoded per forward pass.
@@ -21,15 +21,17 @@ pub fn teacher(
     retrieval: &dyn Retrieval,
     ds: &Dataset,
     tables: &Tables,
-    users: &[u32],
+    users: &[UserIdx],
     step: u64,
 ) -> Result<Tensor> {
-    let teachers = retrieval.teachers(users)?;
+    let ids: Vec<u32> = users.iter().map(|u| u.index32()).collect();
+    let teachers = retrieval.teachers(&ids)?;
+    check_teachers(&teachers, users.len(), ds.num_users)?;
     let mut distinct: Vec<u32> = teachers.concat();
     distinct.sort_unstable();
     distinct.dedup();
     let input = |t: u32| {
-        let s = ds.train_seq(t as usize);
+        let s = ds.train_seq(UserIdx::new(t));
         &s[..s.len().saturating_sub(1)]
     };
     // Encode in chunks of similar length, each padded to its own longest
@@ -73,4 +75,39 @@ pub fn teacher(
     }
     let avg = Tensor::from_vec(avg, (users.len(), distinct.len()), dev)?;
     Ok(avg.matmul(&reps)?)
+}
+
+/// A retrieval plugin's answer must name existing users, one list per user
+/// asked: anything else would index out of range.
+fn check_teachers(teachers: &[Vec<u32>], asked: usize, num_users: usize) -> Result<()> {
+    if teachers.len() != asked {
+        bail!(
+            "the retrieval plugin returned {} teacher lists for {asked} users",
+            teachers.len()
+        );
+    }
+    if let Some(bad) = teachers
+        .iter()
+        .flatten()
+        .find(|&&t| t as usize >= num_users)
+    {
+        bail!(
+            "the retrieval plugin returned teacher {bad}, but users are indexed 0..{num_users}: \
+             check its neighbour table against the dataset"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn teachers_must_be_existing_users_one_list_per_user() {
+        assert!(check_teachers(&[vec![0, 2], vec![]], 2, 3).is_ok());
+        let err = check_teachers(&[vec![0, 3]], 1, 3).unwrap_err().to_string();
+        assert!(err.contains("teacher 3") && err.contains("0..3"), "{err}");
+        assert!(check_teachers(&[vec![0]], 2, 3).is_err());
+    }
 }

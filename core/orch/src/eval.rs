@@ -17,7 +17,7 @@ use llm_esr_runtime::{ForwardCtx, Rng};
 use serde::{Serialize, Serializer};
 
 use crate::config::{Config, EvalMode};
-use crate::data::{eval_negatives, Dataset, Padded, Split};
+use crate::data::{eval_negatives, Dataset, Padded, Split, UserIdx};
 use crate::model::{last_position, Recommender};
 
 /// A group of evaluated users.
@@ -143,8 +143,7 @@ impl Serialize for Metrics {
 /// The 0-based rank of a user's held-out target among its candidates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TargetRank {
-    /// 0-based user index.
-    pub user: u32,
+    pub user: UserIdx,
     /// The target item id.
     pub target: u32,
     /// Candidates scored at or above the target.
@@ -156,7 +155,7 @@ pub struct TargetRank {
 pub struct Grouping {
     /// Indexed by item id: true for head items.
     pub item_head: Option<Vec<bool>>,
-    /// Indexed by 0-based user: true for head users.
+    /// Indexed by [`UserIdx::index`]: true for head users.
     pub user_head: Option<Vec<bool>>,
 }
 
@@ -175,7 +174,7 @@ impl Grouping {
 
     fn member(&self, group: Group, r: &TargetRank) -> bool {
         let item_head = |h: &Vec<bool>| h[r.target as usize];
-        let user_head = |h: &Vec<bool>| h[r.user as usize];
+        let user_head = |h: &Vec<bool>| h[r.user.index()];
         match group {
             Group::Overall => true,
             Group::TailItem => self.item_head.as_ref().is_some_and(|h| !item_head(h)),
@@ -192,7 +191,7 @@ pub fn rank_targets(
     ds: &Dataset,
     split: Split,
     cfg: &Config,
-    users: &[u32],
+    users: &[UserIdx],
     device: &Device,
 ) -> Result<Vec<TargetRank>> {
     let (max_len, pad_to_max_len, seed) = (cfg.data.max_len, cfg.data.pad_to_max_len, cfg.seed);
@@ -201,14 +200,11 @@ pub fn rank_targets(
     // Chunks of users with similar input lengths pad little; the metric sums
     // do not depend on the order.
     let mut users = users.to_vec();
-    users.sort_by_key(|&u| (ds.eval_case(u as usize, split).0.len().min(max_len), u));
+    users.sort_by_key(|&u| (ds.eval_case(u, split).0.len().min(max_len), u));
     let mut out = Vec::with_capacity(users.len());
     let mut rng = Rng::new(0); // unused in eval mode
     for chunk in users.chunks(cfg.batch_size.max(1)) {
-        let cases: Vec<(&[u32], u32)> = chunk
-            .iter()
-            .map(|&u| ds.eval_case(u as usize, split))
-            .collect();
+        let cases: Vec<(&[u32], u32)> = chunk.iter().map(|&u| ds.eval_case(u, split)).collect();
         // The objective's input (cloze models append the mask token).
         let inputs: Vec<Vec<u32>> = cases
             .iter()
@@ -225,7 +221,7 @@ pub fn rank_targets(
                 let mut cand = Vec::with_capacity(chunk.len() * (cfg.negatives + 1));
                 for (&u, (_, target)) in chunk.iter().zip(&cases) {
                     cand.push(*target);
-                    cand.extend(eval_negatives(ds, u as usize, split, cfg.negatives, seed));
+                    cand.extend(eval_negatives(ds, u, split, cfg.negatives, seed));
                 }
                 let cand = Tensor::from_vec(cand, (chunk.len(), cfg.negatives + 1), device)?;
                 let scores: Vec<Vec<f32>> = model
@@ -248,7 +244,7 @@ pub fn rank_targets(
                         .filter(|&j| {
                             j != *target as usize
                                 && counts_against(s[j], t)
-                                && !ds.has_item(u as usize, j as u32)
+                                && !ds.has_item(u, j as u32)
                         })
                         .count();
                     out.push(TargetRank {
@@ -335,7 +331,11 @@ mod tests {
         let comm = llm_esr_comm::init(llm_esr_comm::Backend::Single)?;
         // Ranks 0, 3, 12: HR@10 = 2/3; NDCG@10 = (1 + 1/log2(5)) / 3.
         let ranks: Vec<TargetRank> = [(0, 1, 0), (1, 2, 3), (2, 3, 12)]
-            .map(|(user, target, rank)| TargetRank { user, target, rank })
+            .map(|(user, target, rank)| TargetRank {
+                user: UserIdx::new(user),
+                target,
+                rank,
+            })
             .to_vec();
         let m = aggregate(&ranks, &[10], &Grouping::default(), comm.as_ref())?;
         let get = |metric: &str| m.get(Group::Overall, metric.parse().unwrap()).unwrap();

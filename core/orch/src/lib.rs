@@ -15,6 +15,7 @@ pub mod data;
 pub mod distill;
 pub mod eval;
 pub mod files;
+pub mod flat;
 pub mod limits;
 pub mod logging;
 pub mod model;
@@ -28,4 +29,7 @@ pub mod report;
 pub mod run_dir;
 pub mod step;
 pub mod sweep;
+#[cfg(test)]
+mod testing;
 pub mod train;
+pub mod trainer;

@@ -6,13 +6,14 @@
 //! one step is two in-place passes over each parameter's own storage (the
 //! moments, then the parameter), with no copy of either. Elsewhere the same
 //! arithmetic runs as tensor ops, in the same order, so both paths give the
-//! same bits. The gradient arrives as the one flat f32 buffer that the
-//! data-parallel all-reduce sums.
+//! same bits. The gradient arrives as the one flat f32 tensor that the
+//! data-parallel all-reduce sums, on the parameters' device; on the CPU its
+//! storage is read in place.
 
 use anyhow::{bail, Result};
-use llm_esr_runtime::candle::{
-    self, backprop::GradStore, CpuStorage, DType, InplaceOp2, Layout, Tensor, Var,
-};
+use llm_esr_runtime::candle::{self, CpuStorage, DType, InplaceOp2, Layout, Storage, Tensor, Var};
+
+use crate::flat::{f32_mut, f32_ref};
 
 pub struct Adam {
     pub lr: f64,
@@ -57,39 +58,56 @@ impl Adam {
         self.len() == 0
     }
 
-    /// Applies one update to `vars` given the flat gradient `grad`.
-    pub fn step(&mut self, vars: &[Var], grad: &[f32]) -> Result<()> {
-        if grad.len() != self.len() || vars.len() != self.moments.len() {
+    /// Applies one update to `vars` given their flat gradient `grad` (on
+    /// their device, see [`crate::flat::gradient`]).
+    pub fn step(&mut self, vars: &[Var], grad: &Tensor) -> Result<()> {
+        if grad.elem_count() != self.len() || vars.len() != self.moments.len() {
             bail!(
                 "Adam: {} gradients for {} parameters",
-                grad.len(),
+                grad.elem_count(),
                 self.len()
             );
         }
         self.step += 1;
         let bc1 = 1.0 - self.beta1.powi(self.step as i32);
         let bc2 = 1.0 - self.beta2.powi(self.step as i32);
-        let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
+        let hyper = Hyper {
+            b1: self.beta1 as f32,
+            b2: self.beta2 as f32,
+            wd: self.weight_decay as f32,
+        };
         let update = Update {
             step_size: (self.lr / bc1) as f32,
             bc2_sqrt: bc2.sqrt() as f32,
             eps: self.eps as f32,
         };
+        let (storage, layout) = grad.storage_and_layout();
+        if let Storage::Cpu(cpu) = &*storage {
+            // In place: the moments, then the parameter, reading the gradient
+            // where the all-reduce left it.
+            let flat = f32_ref(cpu, layout)?;
+            let mut off = 0;
+            for (var, moments) in vars.iter().zip(&self.moments) {
+                let n = var.elem_count();
+                let op = Moments {
+                    grad: &flat[off..off + n],
+                    hyper,
+                };
+                moments.inplace_op2(
+                    var.as_tensor(),
+                    &Pass("adam-moments", |mv, p| op.apply(mv, p)),
+                )?;
+                var.as_tensor()
+                    .inplace_op2(moments, &Pass("adam-update", |p, mv| update.apply(p, mv)))?;
+                off += n;
+            }
+            return Ok(());
+        }
+        drop(storage);
         let mut off = 0;
         for (var, moments) in vars.iter().zip(&self.moments) {
             let n = var.elem_count();
-            let moments_op = Moments {
-                grad: &grad[off..off + n],
-                b1,
-                b2,
-                wd: self.weight_decay as f32,
-            };
-            if var.device().is_cpu() {
-                moments.inplace_op2(var.as_tensor(), &moments_op)?;
-                var.as_tensor().inplace_op2(moments, &update)?;
-            } else {
-                composed_step(var, moments, &moments_op, &update)?;
-            }
+            composed_step(var, moments, &grad.narrow(0, off, n)?, hyper, &update)?;
             off += n;
         }
         Ok(())
@@ -133,6 +151,12 @@ impl Adam {
 /// decay), exactly as torch orders the arithmetic.
 struct Moments<'a> {
     grad: &'a [f32],
+    hyper: Hyper,
+}
+
+/// The moment decay rates and the L2 weight decay, as f32.
+#[derive(Clone, Copy)]
+struct Hyper {
     b1: f32,
     b2: f32,
     wd: f32,
@@ -142,30 +166,12 @@ impl Moments<'_> {
     fn apply(&self, mv: &mut [f32], p: &[f32]) {
         let n = p.len();
         let (m, v) = mv.split_at_mut(n);
-        let (b1, b2, wd) = (self.b1, self.b2, self.wd);
+        let Hyper { b1, b2, wd } = self.hyper;
         for i in 0..n {
             let gi = self.grad[i] + wd * p[i];
             m[i] = b1 * m[i] + (1.0 - b1) * gi;
             v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
         }
-    }
-}
-
-impl InplaceOp2 for Moments<'_> {
-    fn name(&self) -> &'static str {
-        "adam-moments"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle::Result<()> {
-        let (mv, p) = (f32_mut(s1, l1)?, f32_ref(s2, l2)?);
-        self.apply(mv, p);
-        Ok(())
     }
 }
 
@@ -185,9 +191,12 @@ impl Update {
     }
 }
 
-impl InplaceOp2 for Update {
+/// One in-place pass on the CPU: the first buffer written, the second read.
+struct Pass<F: Fn(&mut [f32], &[f32])>(&'static str, F);
+
+impl<F: Fn(&mut [f32], &[f32])> InplaceOp2 for Pass<F> {
     fn name(&self) -> &'static str {
-        "adam-update"
+        self.0
     }
 
     fn cpu_fwd(
@@ -197,91 +206,30 @@ impl InplaceOp2 for Update {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle::Result<()> {
-        let (p, mv) = (f32_mut(s1, l1)?, f32_ref(s2, l2)?);
-        self.apply(p, mv);
+        (self.1)(f32_mut(s1, l1)?, f32_ref(s2, l2)?);
         Ok(())
     }
 }
 
 /// The same two passes as tensor ops, for devices without the in-place
-/// kernels (the gradient slice is copied to the device).
-fn composed_step(var: &Var, moments: &Tensor, mo: &Moments, up: &Update) -> Result<()> {
+/// kernels; `g` is this parameter's part of the flat gradient.
+fn composed_step(var: &Var, moments: &Tensor, g: &Tensor, h: Hyper, up: &Update) -> Result<()> {
     let p = var.as_tensor();
     let dev = p.device();
-    let n = var.elem_count();
     let scalar = |x: f32| Tensor::new(x, dev);
-    let g = Tensor::from_slice(mo.grad, n, dev)?;
     let pf = p.flatten_all()?;
-    let g = if mo.wd != 0.0 {
-        (g + pf.broadcast_mul(&scalar(mo.wd)?)?)?
+    let g = if h.wd != 0.0 {
+        (g + pf.broadcast_mul(&scalar(h.wd)?)?)?
     } else {
-        g
+        g.clone()
     };
     let (m, v) = (moments.get(0)?, moments.get(1)?);
-    let m = (m.broadcast_mul(&scalar(mo.b1)?)? + g.broadcast_mul(&scalar(1.0 - mo.b1)?)?)?;
-    let v =
-        (v.broadcast_mul(&scalar(mo.b2)?)? + g.broadcast_mul(&scalar(1.0 - mo.b2)?)?.mul(&g)?)?;
+    let m = (m.broadcast_mul(&scalar(h.b1)?)? + g.broadcast_mul(&scalar(1.0 - h.b1)?)?)?;
+    let v = (v.broadcast_mul(&scalar(h.b2)?)? + g.broadcast_mul(&scalar(1.0 - h.b2)?)?.mul(&g)?)?;
     let den = (v.sqrt()?.broadcast_div(&scalar(up.bc2_sqrt)?)?).broadcast_add(&scalar(up.eps)?)?;
     let step = m.broadcast_mul(&scalar(up.step_size)?)?.div(&den)?;
     var.set(&(pf - step)?.reshape(p.shape())?)?;
     moments.slice_set(&Tensor::stack(&[&m, &v], 0)?, 0, 0)?;
-    Ok(())
-}
-
-fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle::Result<&'a mut [f32]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle::bail!("adam: the parameter is not contiguous")
-    };
-    match s {
-        CpuStorage::F32(v) => Ok(&mut v[start..end]),
-        _ => candle::bail!("adam: f32 parameters only"),
-    }
-}
-
-fn f32_ref<'a>(s: &'a CpuStorage, l: &Layout) -> candle::Result<&'a [f32]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle::bail!("adam: the parameter is not contiguous")
-    };
-    match s {
-        CpuStorage::F32(v) => Ok(&v[start..end]),
-        _ => candle::bail!("adam: f32 parameters only"),
-    }
-}
-
-/// Concatenates the gradients of `vars` (zeros where a variable got none).
-pub fn flatten_grads(vars: &[Var], grads: &GradStore) -> Result<Vec<f32>> {
-    let total: usize = vars.iter().map(|v| v.elem_count()).sum();
-    let mut flat = Vec::with_capacity(total);
-    for var in vars {
-        match grads.get(var.as_tensor()) {
-            Some(g) => flat.extend(g.flatten_all()?.to_vec1::<f32>()?),
-            None => flat.extend(std::iter::repeat_n(0.0, var.elem_count())),
-        }
-    }
-    Ok(flat)
-}
-
-/// Concatenates the values of `vars`.
-pub fn flatten_values(vars: &[Var]) -> Result<Vec<f32>> {
-    let mut flat = Vec::new();
-    for var in vars {
-        flat.extend(var.as_tensor().flatten_all()?.to_vec1::<f32>()?);
-    }
-    Ok(flat)
-}
-
-/// Writes a flat buffer back into `vars`.
-pub fn assign_values(vars: &[Var], flat: &[f32]) -> Result<()> {
-    let mut off = 0;
-    for var in vars {
-        let n = var.elem_count();
-        var.set(&Tensor::from_vec(
-            flat[off..off + n].to_vec(),
-            var.shape(),
-            var.device(),
-        )?)?;
-        off += n;
-    }
     Ok(())
 }
 
@@ -290,20 +238,24 @@ mod tests {
     use super::*;
     use llm_esr_runtime::candle::Device;
 
+    fn flat(g: &[f32]) -> Tensor {
+        Tensor::new(g, &Device::Cpu).unwrap()
+    }
+
     /// Two steps of torch.optim.Adam(lr=0.1) on p = [1, -2] with grads [0.5, 0.25]
     /// then [-1, 2], computed by hand from the update rule.
     #[test]
     fn matches_hand_computed_adam() -> Result<()> {
         let var = Var::from_tensor(&Tensor::new(&[1f32, -2.0], &Device::Cpu)?)?;
         let mut adam = Adam::new(std::slice::from_ref(&var), 0.1, [0.9, 0.999], 1e-8, 0.0)?;
-        adam.step(std::slice::from_ref(&var), &[0.5, 0.25])?;
+        adam.step(std::slice::from_ref(&var), &flat(&[0.5, 0.25]))?;
         // Step 1: m_hat = g, v_hat = g^2, so p -= lr * sign(g) (up to eps).
         let p: Vec<f32> = var.as_tensor().to_vec1()?;
         assert!(
             (p[0] - 0.9).abs() < 1e-6 && (p[1] + 2.1).abs() < 1e-6,
             "{p:?}"
         );
-        adam.step(std::slice::from_ref(&var), &[-1.0, 2.0])?;
+        adam.step(std::slice::from_ref(&var), &flat(&[-1.0, 2.0]))?;
         // Step 2, coordinate 0: m = 0.9*0.05 + 0.1*-1 = -0.055; v = 0.999*0.00025 + 0.001*1 = 0.00124975
         // m_hat = -0.055/0.19 = -0.289474; v_hat = 0.00124975/0.001999 = 0.625188; p = 0.9 + 0.1*0.289474/0.790688
         let p: Vec<f32> = var.as_tensor().to_vec1()?;
@@ -323,13 +275,12 @@ mod tests {
         let mut adam_b = Adam::new(std::slice::from_ref(&b), 0.01, [0.9, 0.999], 1e-8, 0.1)?;
         for step in 0..5 {
             let grad: Vec<f32> = (0..37).map(|i| ((i * step) as f32 * 0.11).cos()).collect();
-            adam_a.step(std::slice::from_ref(&a), &grad)?;
+            adam_a.step(std::slice::from_ref(&a), &flat(&grad))?;
             // The composed path, forced on the CPU.
             adam_b.step += 1;
             let bc1 = 1.0 - 0.9f64.powi(adam_b.step as i32);
             let bc2 = 1.0 - 0.999f64.powi(adam_b.step as i32);
-            let mo = Moments {
-                grad: &grad,
+            let hyper = Hyper {
                 b1: 0.9,
                 b2: 0.999,
                 wd: 0.1,
@@ -339,7 +290,7 @@ mod tests {
                 bc2_sqrt: bc2.sqrt() as f32,
                 eps: 1e-8,
             };
-            composed_step(&b, &adam_b.moments[0], &mo, &up)?;
+            composed_step(&b, &adam_b.moments[0], &flat(&grad), hyper, &up)?;
         }
         let (pa, pb): (Vec<f32>, Vec<f32>) = (a.as_tensor().to_vec1()?, b.as_tensor().to_vec1()?);
         assert_eq!(pa, pb);

@@ -2,15 +2,17 @@
 //! only code that talks to the communicator while training. It shards each
 //! global batch (every rank takes items r, r + N, r + 2N, ... of the same
 //! ordered list), starts every rank from rank 0's parameters, sums the
-//! normalisers and the gradients (one flat f32 buffer per step) over ranks,
-//! and checks after each epoch that the ranks still agree. With one rank
-//! every collective is a no-op.
+//! normalisers and the gradients (one flat f32 tensor per step, reduced in
+//! place on the parameters' device) over ranks, and checks after each epoch
+//! that the ranks still agree. With one rank every collective is a no-op.
 
 use anyhow::{bail, Context, Result};
 use llm_esr_comm::Communicator;
-use llm_esr_runtime::candle::{backprop::GradStore, Var};
+use llm_esr_runtime::candle::{
+    self, backprop::GradStore, CpuStorage, InplaceOp1, Layout, Tensor, Var,
+};
 
-use crate::optim::{assign_values, flatten_grads, flatten_values};
+use crate::flat;
 
 /// This rank's shard of `items`.
 pub fn shard<T: Clone>(items: &[T], comm: &dyn Communicator) -> Vec<T> {
@@ -22,6 +24,7 @@ pub fn shard<T: Clone>(items: &[T], comm: &dyn Communicator) -> Vec<T> {
         .collect()
 }
 
+#[derive(Clone, Copy)]
 pub struct DataParallel<'a> {
     comm: &'a dyn Communicator,
 }
@@ -49,9 +52,9 @@ impl<'a> DataParallel<'a> {
         if self.comm.size() == 1 {
             return Ok(());
         }
-        let mut flat = flatten_values(vars)?;
-        self.comm.broadcast(&mut flat, 0)?;
-        assign_values(vars, &flat)
+        let mut values = flat::values(vars)?;
+        self.comm.broadcast(&mut values, 0)?;
+        flat::assign_values(vars, &values)
     }
 
     /// Sums per-shard counts over the ranks (the loss normalisers).
@@ -60,23 +63,36 @@ impl<'a> DataParallel<'a> {
         Ok(())
     }
 
-    /// The summed loss and the summed gradient of `vars` as one flat buffer
-    /// (zeros where a variable got none, or where this rank had no shard).
+    /// The summed loss and the summed gradient of `vars` as one flat tensor
+    /// on their device (zeros where a variable got none, or where this rank
+    /// had no shard, `grads` = `None`).
     pub fn reduce(
         &self,
         loss: f64,
         grads: Option<&GradStore>,
         vars: &[Var],
-        len: usize,
-    ) -> Result<(f64, Vec<f32>)> {
-        let mut grad = match grads {
-            Some(g) => flatten_grads(vars, g)?,
-            None => vec![0f32; len],
-        };
+    ) -> Result<(f64, Tensor)> {
+        let grad = flat::gradient(vars, grads)?;
         let mut loss = [loss];
-        self.comm.all_reduce_sum(&mut grad)?;
+        if self.comm.size() == 1 {
+            return Ok((loss[0], grad));
+        }
+        let grad = self.all_reduce(grad)?;
         self.comm.all_reduce_sum_f64(&mut loss)?;
         Ok((loss[0], grad))
+    }
+
+    /// Sums a flat f32 tensor over the ranks: in place on the CPU and, with
+    /// NCCL, on the GPU; through a host copy for a GPU tensor on an MPI
+    /// communicator.
+    fn all_reduce(&self, grad: Tensor) -> Result<Tensor> {
+        if grad.device().is_cpu() || device_reduce(self.comm) {
+            grad.inplace_op1(&AllReduceSum { comm: self.comm })?;
+            return Ok(grad);
+        }
+        let mut host = grad.to_vec1::<f32>()?;
+        self.comm.all_reduce_sum(&mut host)?;
+        Ok(Tensor::from_vec(host, grad.elem_count(), grad.device())?)
     }
 
     /// Ranks must hold identical parameters; a cheap checksum tells.
@@ -84,7 +100,7 @@ impl<'a> DataParallel<'a> {
         if self.comm.size() == 1 {
             return Ok(());
         }
-        let local: f64 = flatten_values(vars)?.iter().map(|&x| x as f64).sum();
+        let local: f64 = flat::values(vars)?.iter().map(|&x| x as f64).sum();
         let mut bytes = local.to_le_bytes().to_vec();
         self.comm.broadcast_bytes(&mut bytes, 0)?;
         let root = f64::from_le_bytes(bytes[..8].try_into().context("checksum broadcast")?);
@@ -104,108 +120,61 @@ impl<'a> DataParallel<'a> {
     }
 }
 
+/// Whether `comm` sums device buffers where they are (NCCL).
+fn device_reduce(comm: &dyn Communicator) -> bool {
+    #[cfg(feature = "cuda")]
+    if comm.as_nccl().is_some() {
+        return true;
+    }
+    let _ = comm;
+    false
+}
+
+/// The in-place sum of a contiguous flat f32 tensor over the ranks.
+struct AllReduceSum<'a> {
+    comm: &'a dyn Communicator,
+}
+
+impl InplaceOp1 for AllReduceSum<'_> {
+    fn name(&self) -> &'static str {
+        "all-reduce-sum"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle::Result<()> {
+        let buf = flat::f32_mut(storage, layout)?;
+        self.comm
+            .all_reduce_sum(buf)
+            .map_err(|e| candle::Error::Msg(format!("gradient all-reduce: {e}")))
+    }
+
+    /// NCCL sums the tensor's own device memory, on the communicator's stream.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &mut candle::CudaStorage, layout: &Layout) -> candle::Result<()> {
+        let Some(nccl) = self.comm.as_nccl() else {
+            candle::bail!("gradient all-reduce: a CUDA tensor needs the NCCL communicator");
+        };
+        let n = layout.shape().elem_count();
+        if layout.contiguous_offsets() != Some((0, n)) {
+            candle::bail!("gradient all-reduce: the flat gradient must be contiguous from 0");
+        }
+        let slice = storage.as_cuda_slice_mut::<f32>()?;
+        if slice.len() != n {
+            candle::bail!(
+                "gradient all-reduce: {} elements stored for {n}",
+                slice.len()
+            );
+        }
+        nccl.all_reduce_sum_device(slice)
+            .map_err(|e| candle::Error::Msg(format!("gradient all-reduce (NCCL): {e}")))
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Barrier, Mutex};
-
-    use llm_esr_comm::{CommError, CommErrorKind};
-    use llm_esr_runtime::candle::{Device, Tensor};
+    use llm_esr_runtime::candle::Device;
 
     use super::*;
-
-    /// N ranks emulated by threads: each collective meets at a barrier and
-    /// reads the others' buffers from shared slots.
-    struct ThreadComm {
-        rank: usize,
-        size: usize,
-        slots: Arc<Mutex<Vec<Vec<f64>>>>,
-        barrier: Arc<Barrier>,
-    }
-
-    impl ThreadComm {
-        fn exchange(&self, mine: Vec<f64>) -> Vec<Vec<f64>> {
-            self.slots.lock().unwrap()[self.rank] = mine;
-            self.barrier.wait();
-            let all = self.slots.lock().unwrap().clone();
-            self.barrier.wait();
-            all
-        }
-
-        fn sum(&self, buf: &[f64]) -> Vec<f64> {
-            let all = self.exchange(buf.to_vec());
-            (0..buf.len())
-                .map(|i| all.iter().map(|b| b[i]).sum())
-                .collect()
-        }
-    }
-
-    impl Communicator for ThreadComm {
-        fn rank(&self) -> usize {
-            self.rank
-        }
-        fn size(&self) -> usize {
-            self.size
-        }
-        fn local_rank(&self) -> usize {
-            self.rank
-        }
-        fn backend(&self) -> &'static str {
-            "threads"
-        }
-        fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<(), CommError> {
-            let wide: Vec<f64> = buf.iter().map(|&x| x as f64).collect();
-            for (b, s) in buf.iter_mut().zip(self.sum(&wide)) {
-                *b = s as f32;
-            }
-            Ok(())
-        }
-        fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<(), CommError> {
-            buf.copy_from_slice(&self.sum(buf));
-            Ok(())
-        }
-        fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
-            let all = self.exchange(buf.iter().map(|&x| x as f64).collect());
-            for (b, &r) in buf.iter_mut().zip(&all[root]) {
-                *b = r as f32;
-            }
-            Ok(())
-        }
-        fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<(), CommError> {
-            let all = self.exchange(buf.iter().map(|&x| x as f64).collect());
-            *buf = all[root].iter().map(|&x| x as u8).collect();
-            Ok(())
-        }
-        fn barrier(&self) -> Result<(), CommError> {
-            self.barrier.wait();
-            Ok(())
-        }
-        fn split(&self, _: u32, _: u32) -> Result<Box<dyn Communicator>, CommError> {
-            Err(CommError::new(CommErrorKind::Unavailable, "not emulated"))
-        }
-    }
-
-    /// Runs `f(comm)` on `size` emulated ranks and returns their results.
-    fn on_ranks<T: Send + 'static>(
-        size: usize,
-        f: impl Fn(&dyn Communicator) -> T + Send + Sync + 'static,
-    ) -> Vec<T> {
-        let slots = Arc::new(Mutex::new(vec![Vec::new(); size]));
-        let barrier = Arc::new(Barrier::new(size));
-        let f = Arc::new(f);
-        let handles: Vec<_> = (0..size)
-            .map(|rank| {
-                let comm = ThreadComm {
-                    rank,
-                    size,
-                    slots: slots.clone(),
-                    barrier: barrier.clone(),
-                };
-                let f = f.clone();
-                std::thread::spawn(move || f(&comm))
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    }
+    use crate::testing::on_ranks;
 
     fn var(values: &[f32]) -> Var {
         Var::from_tensor(&Tensor::new(values, &Device::Cpu).unwrap()).unwrap()
@@ -254,14 +223,16 @@ mod tests {
             let (a, b, unused) = (var(&[1.0, 2.0]), var(&[3.0]), var(&[7.0]));
             let vars = [a.clone(), unused, b.clone()];
             if comm.rank() == 1 {
-                return dp.reduce(0.0, None, &vars, 4).unwrap();
+                let (loss, grad) = dp.reduce(0.0, None, &vars).unwrap();
+                return (loss, grad.to_vec1::<f32>().unwrap());
             }
             // loss = 2 * sum(a) + b^2: gradients [2, 2] and [6].
             let loss = ((a.as_tensor().sum_all().unwrap() * 2.0).unwrap()
                 + b.as_tensor().sqr().unwrap().sum_all().unwrap())
             .unwrap();
             let grads = loss.backward().unwrap();
-            dp.reduce(1.5, Some(&grads), &vars, 4).unwrap()
+            let (loss, grad) = dp.reduce(1.5, Some(&grads), &vars).unwrap();
+            (loss, grad.to_vec1::<f32>().unwrap())
         });
         for (loss, grad) in reduced {
             assert_eq!(loss, 1.5);

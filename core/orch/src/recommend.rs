@@ -32,14 +32,10 @@ pub fn recommend(run_dir: &Path, users: &[u32], k: usize) -> Result<serde_json::
     }
     let device = Device::Cpu;
     let ds = Dataset::load(&cfg.data_dir()?)?;
-    for &u in users {
-        if u == 0 || u as usize > ds.num_users {
-            bail!(
-                "unknown user {u}: the dataset has users 1..={}",
-                ds.num_users
-            );
-        }
-    }
+    let users = users
+        .iter()
+        .map(|&id| ds.user_by_id(id))
+        .collect::<Result<Vec<_>>>()?;
     let artifacts = assemble::artifacts(&cfg, &ds, &device)?;
     let model = assemble::build(&cfg, &ds, artifacts.as_ref(), &device)?;
     checkpoint::load_params(&best, &model.vars()).context("loading the best parameters")?;
@@ -48,7 +44,7 @@ pub fn recommend(run_dir: &Path, users: &[u32], k: usize) -> Result<serde_json::
     // The objective's input (cloze models append the mask token).
     let inputs: Vec<Vec<u32>> = users
         .iter()
-        .map(|&u| model.inference_input(&ds.seqs[u as usize - 1]))
+        .map(|&u| model.inference_input(ds.sequence(u)))
         .collect::<Result<_>>()?;
     let inputs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
     let padded = Padded::new(&inputs, cfg.data.max_len, cfg.data.pad_to_max_len);
@@ -61,7 +57,7 @@ pub fn recommend(run_dir: &Path, users: &[u32], k: usize) -> Result<serde_json::
     let mut out = Vec::new();
     for (&u, s) in users.iter().zip(scores) {
         let mut items: Vec<(u32, f32)> = (1..s.len() as u32)
-            .filter(|&i| !ds.has_item(u as usize - 1, i))
+            .filter(|&i| !ds.has_item(u, i))
             .map(|i| (i, s[i as usize]))
             .collect();
         items.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -70,7 +66,7 @@ pub fn recommend(run_dir: &Path, users: &[u32], k: usize) -> Result<serde_json::
             .into_iter()
             .map(|(i, s)| json!({"item": i, "score": s}))
             .collect();
-        out.push(json!({"user": u, "items": items}));
+        out.push(json!({"user": u.id(), "items": items}));
     }
     Ok(json!({"run": run_dir.display().to_string(), "k": k, "recommendations": out}))
 }

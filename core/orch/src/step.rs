@@ -11,8 +11,9 @@ use llm_esr_runtime::{ForwardCtx, Rng};
 
 use crate::config::StudentPass;
 pub use crate::data::Sample;
-use crate::data::{training_batch, Dataset, Padded, Targets};
+use crate::data::{training_batch, Dataset, Padded, Targets, UserIdx};
 use crate::model::{bce_loss, last_position, Recommender};
+use crate::trainer::StepModel;
 
 /// The settings of the step that come from the config, fixed at build time.
 #[derive(Debug, Clone)]
@@ -138,7 +139,7 @@ impl Recommender {
                 auxiliary: None,
             });
         };
-        let users: Vec<u32> = samples.iter().map(|&(u, _)| u).collect();
+        let users: Vec<UserIdx> = samples.iter().map(|s| s.user).collect();
         let teacher = crate::distill::teacher(self, retrieval, ds, &tables, &users, step)?;
         let student = match s.student {
             StudentPass::Shared => last_position(&states)?,
@@ -158,9 +159,32 @@ impl Recommender {
     }
 }
 
+/// A recommender on its dataset: what the generic trainer trains.
+pub struct OnDataset<'a> {
+    pub model: &'a Recommender,
+    pub ds: &'a Dataset,
+}
+
+impl StepModel for OnDataset<'_> {
+    type Sample = Sample;
+    type Prepared = Prepared;
+
+    fn prepare(&self, shard: &[Sample], epoch: usize) -> Result<Prepared> {
+        self.model.prepare(self.ds, shard, epoch)
+    }
+
+    fn targets(&self, prepared: &Prepared) -> usize {
+        prepared.targets()
+    }
+
+    fn loss(&self, prepared: Prepared, global: GlobalCounts, step: u64) -> Result<Loss> {
+        self.model.loss(self.ds, prepared, global, step)
+    }
+}
+
 /// The global key of a training sample (user, copy) of an objective with
 /// `copies` copies per epoch: `user * max(copies, 2) + copy`, i.e.
 /// `2 * user + copy` for the built-in objectives (one or two copies).
-fn sample_key((user, copy): Sample, copies: usize) -> u64 {
-    user as u64 * copies.max(2) as u64 + copy as u64
+fn sample_key(Sample { user, copy }: Sample, copies: usize) -> u64 {
+    user.index() as u64 * copies.max(2) as u64 + copy as u64
 }

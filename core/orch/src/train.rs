@@ -1,5 +1,6 @@
-//! The training loop: data-parallel over the communicator's ranks, early
-//! stopping on the validation metric, checkpoints, final test.
+//! One training run: its directory, the epochs of the generic [`Trainer`]
+//! with early stopping on the validation metric, checkpoints, the final test
+//! and `results.json`.
 //!
 //! Every rank starts from rank 0's parameters, takes its shard of each global
 //! batch, and the loss is normalised by the global number of targets, so summed
@@ -12,22 +13,21 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use llm_esr_comm::Communicator;
 use llm_esr_runtime::candle::{Device, Var};
-use llm_esr_runtime::Rng;
 use serde_json::json;
 use tracing::{info, warn};
 
 use crate::checkpoint::{self, TrainState};
-use crate::config::{config_error, Config, NanPolicy};
+use crate::config::{config_error, Config};
 use crate::data::{training_samples, Dataset, Sample, Split};
 use crate::eval::{self, Group, Grouping, Metric, Metrics};
 use crate::files::{append_line, write_atomic, write_json};
 use crate::model::Recommender;
 use crate::optim::Adam;
 use crate::parallel::DataParallel;
-use crate::progress::Progress;
 use crate::run_dir::RunDir;
 pub use crate::run_dir::{BEST, CHECKPOINT, METRICS, RESOLVED, RESULTS};
-use crate::step::GlobalCounts;
+use crate::step::OnDataset;
+use crate::trainer::{EpochStats, StepOutcome, TrainSettings, Trainer};
 
 pub struct TrainOptions {
     pub resume: bool,
@@ -41,22 +41,14 @@ pub(crate) struct Start {
     state: TrainState,
 }
 
-/// What one training step did.
-pub(crate) enum StepOutcome {
-    /// The update was applied; the global batch loss.
-    Applied(f64),
-    /// The loss or a gradient was not finite (described); nothing was applied.
-    NonFinite(String),
-}
-
 /// Everything one run holds.
 pub(crate) struct Run<'a> {
     cfg: &'a Config,
     dp: DataParallel<'a>,
+    trainer: Trainer<'a>,
     pub(crate) ds: Dataset,
     pub(crate) model: Recommender,
     vars: Vec<(String, Var)>,
-    plain_vars: Vec<Var>,
     device: Device,
     /// Evaluation groups of the validation and the test split.
     groupings: [Grouping; 2],
@@ -129,7 +121,7 @@ impl<'a> Run<'a> {
         let model = crate::assemble::build(cfg, &ds, artifacts.as_ref(), &device)?;
         drop(artifacts);
         let vars = model.vars();
-        let plain_vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+        let dp = DataParallel::new(comm);
         info!(
             model = %model.describe(),
             parameters = model.store.num_scalars(),
@@ -139,7 +131,8 @@ impl<'a> Run<'a> {
         );
         Ok(Run {
             cfg,
-            dp: DataParallel::new(comm),
+            dp,
+            trainer: Trainer::new(dp, vars.clone(), TrainSettings::from_config(cfg)),
             early_stop: cfg
                 .eval
                 .metric
@@ -155,7 +148,6 @@ impl<'a> Run<'a> {
             ds,
             model,
             vars,
-            plain_vars,
             device,
             run_dir: cfg.run_dir()?,
         })
@@ -168,7 +160,7 @@ impl Run<'_> {
     pub(crate) fn start(&self, resume: Option<&Path>) -> Result<Start> {
         let cfg = self.cfg;
         let mut adam = Adam::new(
-            &self.plain_vars,
+            self.trainer.vars(),
             cfg.train.lr,
             cfg.train.adam_betas,
             cfg.train.adam_eps,
@@ -208,19 +200,23 @@ impl Run<'_> {
         } = start;
         let ckpt = self.run_dir.join(CHECKPOINT);
         // Identical parameters everywhere: rank 0's.
-        self.dp.broadcast_parameters(&self.plain_vars)?;
+        self.dp.broadcast_parameters(self.trainer.vars())?;
 
         let samples = training_samples(&self.ds, self.model.objective())?;
-        let steps_per_epoch = samples.len().div_ceil(cfg.train.batch_size);
         let started = Instant::now();
         while state.epoch < cfg.train.epochs {
             let epoch = state.epoch;
             let t0 = Instant::now();
-            let (loss, skipped) =
-                self.train_epoch(epoch, &samples, steps_per_epoch, &mut adam, &mut state.step)?;
+            let EpochStats { loss, skipped } = self.trainer.epoch(
+                &self.on_dataset(),
+                &samples,
+                epoch,
+                &mut adam,
+                &mut state.step,
+            )?;
             state.skipped_steps += skipped;
             let train_seconds = t0.elapsed().as_secs_f64();
-            self.dp.check_replicas(&self.plain_vars)?;
+            self.dp.check_replicas(self.trainer.vars())?;
             let valid = self.evaluate(Split::Valid)?;
             let metric = valid
                 .get(Group::Overall, self.early_stop)
@@ -276,103 +272,15 @@ impl Run<'_> {
         self.finish(&state, started.elapsed().as_secs_f64())
     }
 
-    /// One pass over the shuffled users; returns the mean training loss of
-    /// the applied steps and the number of skipped ones. A non-finite step
-    /// stops the run (`train.nan_policy: error`) or is skipped (`skip_step`).
-    fn train_epoch(
-        &self,
-        epoch: usize,
-        samples: &[Sample],
-        steps: usize,
-        adam: &mut Adam,
-        step: &mut u64,
-    ) -> Result<(f64, u64)> {
-        let cfg = self.cfg;
-        let mut order = samples.to_vec();
-        Rng::derive(cfg.seed, epoch as u64).shuffle(&mut order);
-        let progress = Progress::new(
-            self.dp.is_root(),
-            steps as u64,
-            &format!("epoch {}", epoch + 1),
-        );
-        let mut loss_sum = 0f64;
-        let mut batches = 0usize;
-        let mut skipped = 0u64;
-        let mut last_problem = String::new();
-        for (k, batch) in order.chunks(cfg.train.batch_size).enumerate() {
-            let shard = self.dp.shard(batch);
-            match self.train_step(&shard, epoch, *step, adam)? {
-                StepOutcome::Applied(loss) => {
-                    loss_sum += loss;
-                    batches += 1;
-                    progress.inc(loss);
-                }
-                StepOutcome::NonFinite(problem) => {
-                    let at = format!(
-                        "epoch {}, step {} of {steps} (global step {})",
-                        epoch + 1,
-                        k + 1,
-                        *step + 1
-                    );
-                    if cfg.train.nan_policy == NanPolicy::Error {
-                        bail!(
-                            "training diverged at {at}: {problem}. Nothing of this epoch was \
-                             saved and no results.json was written; lower `train.lr` (now {}), \
-                             check the inputs, or set `train.nan_policy: skip_step` to skip such \
-                             steps",
-                            cfg.train.lr
-                        );
-                    }
-                    warn!("skipping the update of {at}: {problem}");
-                    skipped += 1;
-                    last_problem = problem;
-                    progress.inc(f64::NAN);
-                }
-            }
-            *step += 1;
-            if cfg.train.max_steps > 0 && *step >= cfg.train.max_steps as u64 {
-                break;
-            }
+    /// The model on its dataset, as the trainer sees it.
+    fn on_dataset(&self) -> OnDataset<'_> {
+        OnDataset {
+            model: &self.model,
+            ds: &self.ds,
         }
-        progress.finish();
-        if batches == 0 && skipped > 0 {
-            bail!(
-                "training diverged: every step of epoch {} was skipped ({skipped} steps; the last: \
-                 {last_problem}); the parameters cannot recover, lower `train.lr` (now {}) or \
-                 check the inputs",
-                epoch + 1,
-                cfg.train.lr
-            );
-        }
-        Ok((loss_sum / batches.max(1) as f64, skipped))
     }
 
-    /// Describes the first non-finite value of a step's loss or reduced
-    /// gradient, naming the parameter; `None` when all are finite.
-    fn non_finite(&self, loss: f64, grad: &[f32]) -> Option<String> {
-        if !loss.is_finite() {
-            return Some(format!("the loss is {loss}"));
-        }
-        let i = grad.iter().position(|g| !g.is_finite())?;
-        let mut offset = 0;
-        for (name, var) in &self.vars {
-            if i < offset + var.elem_count() {
-                return Some(format!(
-                    "the gradient of parameter `{name}` is {} (entry {})",
-                    grad[i],
-                    i - offset
-                ));
-            }
-            offset += var.elem_count();
-        }
-        Some(format!("gradient entry {i} is {}", grad[i]))
-    }
-
-    /// Forward, backward, all-reduce, update. Returns the global batch loss.
-    ///
-    /// Each rank's loss is its share of the global one (sums divided by global
-    /// counts), so summing gradients over ranks gives exactly the gradient of
-    /// one process on the whole batch.
+    /// One training step of this rank's `shard` (for `bench`).
     pub(crate) fn train_step(
         &self,
         shard: &[Sample],
@@ -380,35 +288,8 @@ impl Run<'_> {
         step: u64,
         adam: &mut Adam,
     ) -> Result<StepOutcome> {
-        let prepared = (!shard.is_empty())
-            .then(|| self.model.prepare(&self.ds, shard, epoch))
-            .transpose()?;
-        // Global numbers of targets and of samples.
-        let mut counts = [0f64, shard.len() as f64];
-        if let Some(p) = &prepared {
-            counts[0] = p.targets() as f64;
-        }
-        self.dp.sum(&mut counts)?;
-        let global = GlobalCounts {
-            targets: counts[0],
-            samples: counts[1],
-        };
-        let (loss, grads) = match prepared {
-            None => (0.0, None),
-            Some(prepared) => {
-                let loss = self.model.loss(&self.ds, prepared, global, step)?.total()?;
-                (loss.to_scalar::<f32>()? as f64, Some(loss.backward()?))
-            }
-        };
-        let (loss, grad) = self
-            .dp
-            .reduce(loss, grads.as_ref(), &self.plain_vars, adam.len())?;
-        // Every rank holds the same reduced values, so all decide alike.
-        if let Some(problem) = self.non_finite(loss, &grad) {
-            return Ok(StepOutcome::NonFinite(problem));
-        }
-        adam.step(&self.plain_vars, &grad)?;
-        Ok(StepOutcome::Applied(loss))
+        self.trainer
+            .step(&self.on_dataset(), shard, epoch, step, adam)
     }
 
     fn evaluate(&self, split: Split) -> Result<Metrics> {
