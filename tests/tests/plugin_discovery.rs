@@ -274,20 +274,7 @@ fn a_plugin_under_another_file_name_is_refused() {
         "{reason}"
     );
 
-    let runs = tempfile::tempdir().unwrap();
-    let args = tiny_train_args(
-        &runs.path().display().to_string(),
-        "renamed",
-        &["model.backbone=renamed", "train.epochs=1"],
-    );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = run_cli(
-        &args,
-        &[("LLM_ESR_PLUGIN_PATH", dir.path().to_str().unwrap())],
-    );
-    assert_exited(&out);
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = failing_train_with_plugins(dir.path(), "renamed", "renamed");
     assert!(
         stderr.contains("backbone plugin `renamed`")
             && stderr.contains("declares the name `sasrec`"),
@@ -320,24 +307,30 @@ fn a_crash_in_create_of_the_requested_plugin_is_an_error() {
         ],
     );
 
-    let runs = tempfile::tempdir().unwrap();
-    let args = tiny_train_args(
-        &runs.path().display().to_string(),
-        "crashy_create",
-        &["model.backbone=crashy-create", "train.epochs=1"],
-    );
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = run_cli(
-        &args,
-        &[("LLM_ESR_PLUGIN_PATH", dir.path().to_str().unwrap())],
-    );
-    assert_exited(&out);
-    let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = failing_train_with_plugins(dir.path(), "crashy_create", "crashy-create");
     assert!(
         stderr.contains("backbone plugin `crashy-create`")
             && stderr.contains(&lib.display().to_string())
             && stderr.contains("crashed in its `create()` (signal 11, SIGSEGV)"),
         "{stderr}"
     );
+}
+
+/// One epoch of beauty5_tiny named `name` with `model.backbone=backbone` and
+/// `plugins` on the plugin path, which must fail with exit status 1; its
+/// standard error.
+fn failing_train_with_plugins(plugins: &std::path::Path, name: &str, backbone: &str) -> String {
+    let runs = tempfile::tempdir().unwrap();
+    let backbone = format!("model.backbone={backbone}");
+    let args = tiny_train_args(
+        &runs.path().display().to_string(),
+        name,
+        &[backbone.as_str(), "train.epochs=1"],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_cli(&args, &[("LLM_ESR_PLUGIN_PATH", plugins.to_str().unwrap())]);
+    assert_exited(&out);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
 }

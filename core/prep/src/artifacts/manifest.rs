@@ -60,6 +60,29 @@ pub struct StageEntry {
     pub info: serde_json::Value,
 }
 
+impl StageEntry {
+    /// The entry of a stage that began at `started` and wrote `file` (hash
+    /// `output_sha256`) whose main tensor is `rows` x `cols`.
+    pub(super) fn written(
+        key: serde_json::Value,
+        file: &str,
+        output_sha256: String,
+        (rows, cols): (usize, usize),
+        started: std::time::Instant,
+        info: serde_json::Value,
+    ) -> StageEntry {
+        StageEntry {
+            key,
+            file: file.into(),
+            output_sha256,
+            rows,
+            cols,
+            seconds: started.elapsed().as_secs_f64(),
+            info,
+        }
+    }
+}
+
 /// `manifest.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {

@@ -174,19 +174,8 @@ pub(super) fn item_emb(
     };
     let full = prepend_zero_row(&emb.to_dtype(DType::F32)?)?;
     let sha = save_tensors(&out_dir.join(ITEM_EMB_FILE), &[("item_emb", full.clone())])?;
-    let (rows, cols) = full.dims2()?;
-    let seconds = t.elapsed().as_secs_f64();
-    let entry = StageEntry {
-        key,
-        file: ITEM_EMB_FILE.into(),
-        output_sha256: sha,
-        rows,
-        cols,
-        seconds,
-        info,
-    };
     Ok(Produced {
-        entry,
+        entry: StageEntry::written(key, ITEM_EMB_FILE, sha, full.dims2()?, t, info),
         status,
         value: full,
     })
@@ -248,19 +237,8 @@ pub(super) fn user_emb(
     };
     let emb = emb.to_dtype(DType::F32)?;
     let sha = save_tensors(&out_dir.join(USER_EMB_FILE), &[("user_emb", emb.clone())])?;
-    let (rows, cols) = emb.dims2()?;
-    let seconds = t.elapsed().as_secs_f64();
-    let entry = StageEntry {
-        key,
-        file: USER_EMB_FILE.into(),
-        output_sha256: sha,
-        rows,
-        cols,
-        seconds,
-        info,
-    };
     Ok(Produced {
-        entry,
+        entry: StageEntry::written(key, USER_EMB_FILE, sha, emb.dims2()?, t, info),
         status,
         value: emb,
     })
@@ -347,19 +325,10 @@ pub(super) fn pca(
         "pca: {} -> {k} dims",
         d
     );
-    let (rows, cols) = projected.dims2()?;
-    let entry = StageEntry {
-        key,
-        file: PCA_FILE.into(),
-        output_sha256: sha,
-        rows,
-        cols,
-        seconds,
-        info: json!({"explained_variance": explained,
-                     "explained_variance_ratio": fitted.explained_variance_ratio}),
-    };
+    let info = json!({"explained_variance": explained,
+                      "explained_variance_ratio": fitted.explained_variance_ratio});
     Ok(Produced {
-        entry,
+        entry: StageEntry::written(key, PCA_FILE, sha, projected.dims2()?, t, info),
         status: StageStatus::Computed,
         value: explained,
     })
@@ -398,17 +367,8 @@ pub(super) fn neighbours(
     )?;
     let seconds = t.elapsed().as_secs_f64();
     tracing::info!(seconds, "neighbours: top-{} of {} users", nb.k, nb.rows);
-    let entry = StageEntry {
-        key,
-        file: NEIGHBOURS_FILE.into(),
-        output_sha256: sha,
-        rows: nb.rows,
-        cols: nb.k,
-        seconds,
-        info: json!({}),
-    };
     Ok(Produced {
-        entry,
+        entry: StageEntry::written(key, NEIGHBOURS_FILE, sha, (nb.rows, nb.k), t, json!({})),
         status: StageStatus::Computed,
         value: (),
     })
