@@ -33,6 +33,31 @@ pub enum Group {
 }
 
 impl Group {
+    /// Every group, in the order of the paper's tables.
+    pub const ALL: [Group; 5] = [
+        Group::Overall,
+        Group::TailItem,
+        Group::HeadItem,
+        Group::TailUser,
+        Group::HeadUser,
+    ];
+
+    /// The group called `name` in `results.json`.
+    pub fn from_name(name: &str) -> Option<Group> {
+        Group::ALL.into_iter().find(|g| g.name() == name)
+    }
+
+    /// The heading of the paper's tables ("Tail Item").
+    pub fn title(self) -> &'static str {
+        match self {
+            Group::Overall => "Overall",
+            Group::TailItem => "Tail Item",
+            Group::HeadItem => "Head Item",
+            Group::TailUser => "Tail User",
+            Group::HeadUser => "Head User",
+        }
+    }
+
     /// The name in `results.json` and `metrics.jsonl`.
     pub fn name(self) -> &'static str {
         match self {

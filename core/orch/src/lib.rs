@@ -33,3 +33,4 @@ pub mod sweep;
 mod testing;
 pub mod train;
 pub mod trainer;
+pub mod user_ranks;

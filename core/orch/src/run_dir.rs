@@ -216,7 +216,7 @@ impl RunDir {
     /// Removes what a dead run without a checkpoint left behind, so that a new
     /// run starts its files fresh.
     pub fn clear_dead_run(&self) -> Result<()> {
-        for name in [METRICS, BEST, RESOLVED, HOLDER] {
+        for name in [METRICS, BEST, RESOLVED, HOLDER, crate::user_ranks::FILE] {
             let path = self.file(name);
             if path.exists() {
                 std::fs::remove_file(&path)

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{config_error, Config};
 use crate::data::{training_samples, Dataset, Sample, Split};
-use crate::eval::{self, Group, Grouping, Metric, Metrics};
+use crate::eval::{self, Group, Grouping, Metric, Metrics, TargetRank};
 use crate::files::{append_line, write_atomic, write_json};
 use crate::model::Recommender;
 use crate::optim::Adam;
@@ -28,6 +28,7 @@ use crate::run_dir::RunDir;
 pub use crate::run_dir::{BEST, CHECKPOINT, METRICS, RESOLVED, RESULTS};
 use crate::step::OnDataset;
 use crate::trainer::{EpochStats, StepOutcome, TrainSettings, Trainer};
+use crate::user_ranks::UserRanks;
 
 pub struct TrainOptions {
     pub resume: bool,
@@ -293,11 +294,21 @@ impl Run<'_> {
     }
 
     fn evaluate(&self, split: Split) -> Result<Metrics> {
+        Ok(self.evaluate_ranks(split)?.0)
+    }
+
+    /// The metrics of `split` and this rank's shard of target ranks.
+    fn evaluate_ranks(&self, split: Split) -> Result<(Metrics, Vec<TargetRank>)> {
         let cfg = self.cfg;
         let users = self.dp.shard(&self.ds.eval_users());
         let ranks = eval::rank_targets(&self.model, &self.ds, split, cfg, &users, &self.device)?;
-        let grouping = &self.groupings[(split == Split::Test) as usize];
-        eval::aggregate(&ranks, &cfg.eval.ks, grouping, self.dp.comm())
+        let grouping = self.grouping(split);
+        let metrics = eval::aggregate(&ranks, &cfg.eval.ks, grouping, self.dp.comm())?;
+        Ok((metrics, ranks))
+    }
+
+    fn grouping(&self, split: Split) -> &Grouping {
+        &self.groupings[(split == Split::Test) as usize]
     }
 
     fn finish(&self, state: &TrainState, seconds: f64) -> Result<serde_json::Value> {
@@ -312,7 +323,13 @@ impl Run<'_> {
         }
         checkpoint::load_params(&best, &self.vars)?;
         let valid = self.evaluate(Split::Valid)?;
-        let test = self.evaluate(Split::Test)?;
+        let (test, ranks) = self.evaluate_ranks(Split::Test)?;
+        let per_user = UserRanks::gather(
+            &ranks,
+            self.ds.num_users,
+            self.grouping(Split::Test),
+            self.dp.comm(),
+        )?;
         let results = json!({
             "name": self.cfg.name,
             "best_epoch": state.best_epoch,
@@ -327,6 +344,8 @@ impl Run<'_> {
             "long_tail": self.long_tail,
         });
         if self.dp.is_root() {
+            // Before results.json, which marks the run finished.
+            per_user.save(&self.run_dir.join(crate::user_ranks::FILE))?;
             write_json(&self.run_dir.join(RESULTS), &results)?;
             info!(
                 "results written to {}",
