@@ -89,6 +89,20 @@ pub enum Command {
         /// Extra overrides for every run.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Ranks that train one run together; the job's ranks split into
+        /// groups of this size that share the sweep's queue.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+        ranks_per_run: u32,
+        /// Print every run with its run directory and overrides, and stop.
+        #[arg(long)]
+        dry_run: bool,
+        /// Train again finished runs whose config changed (their old
+        /// directories are kept, renamed `<run>.replaced-<time>`).
+        #[arg(long)]
+        rerun_changed: bool,
+        /// Take failed runs (those with a failed.txt) again.
+        #[arg(long)]
+        retry_failed: bool,
     },
     /// Benchmark: median training-step time of a config (writes nothing).
     Bench {
@@ -155,13 +169,26 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             result.map(|_| ())
         }
-        Command::Sweep { sweep, set } => {
+        Command::Sweep {
+            sweep,
+            set,
+            ranks_per_run,
+            dry_run,
+            rerun_changed,
+            retry_failed,
+        } => {
             let comm = llm_esr_comm::init(llm_esr_comm::Backend::Auto)?;
             logging::init(cli.log_format, comm.rank());
-            let result = crate::sweep::run(&sweep, &set, comm.as_ref());
+            let opts = crate::sweep::SweepOptions {
+                ranks_per_run: ranks_per_run as usize,
+                dry_run,
+                rerun_changed,
+                retry_failed,
+            };
+            let result = crate::sweep::run(&sweep, &set, &opts, comm.as_ref());
             match result {
                 Ok(rows) => {
-                    if comm.rank() == 0 {
+                    if comm.rank() == 0 && !rows.is_empty() {
                         print!("{}", crate::report::tables(&rows));
                     }
                     Ok(())

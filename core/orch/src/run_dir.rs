@@ -23,6 +23,8 @@ pub const BEST: &str = "best.safetensors";
 pub const RESULTS: &str = "results.json";
 pub const METRICS: &str = "metrics.jsonl";
 pub const RESOLVED: &str = "config.resolved.yaml";
+/// [`config_hash`] of the resolved config, beside it.
+pub const CONFIG_HASH: &str = "config.sha256";
 /// Who holds the lock (pid, host, start time), written after the checks.
 pub const HOLDER: &str = "lock.json";
 
@@ -87,14 +89,9 @@ impl RunDir {
                 writing: false,
             });
         }
-        let created = !path.exists();
-        std::fs::create_dir_all(path)
-            .with_context(|| format!("cannot create run directory {}", path.display()))?;
-        let dir = File::open(path)
-            .with_context(|| format!("cannot open run directory {}", path.display()))?;
-        match dir.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
+        match RunDir::try_lock(path)? {
+            Some(dir) => Ok(dir),
+            None => {
                 let holder = std::fs::read_to_string(path.join(HOLDER))
                     .ok()
                     .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
@@ -112,17 +109,35 @@ impl RunDir {
                     path.display()
                 );
             }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(e)
-                    .with_context(|| format!("cannot lock run directory {}", path.display()))
-            }
         }
-        Ok(RunDir {
+    }
+
+    /// [`RunDir::lock`] for rank 0, `None` when another process holds the
+    /// directory (the lock is the kernel's: it goes with its holder, however
+    /// that process ends).
+    pub fn try_lock(path: &Path) -> Result<Option<RunDir>> {
+        let created = !path.exists();
+        std::fs::create_dir_all(path)
+            .with_context(|| format!("cannot create run directory {}", path.display()))?;
+        let dir = File::open(path)
+            .with_context(|| format!("cannot open run directory {}", path.display()))?;
+        let mut run_dir = RunDir {
             path: path.to_path_buf(),
-            _lock: Some(dir),
+            _lock: None,
             created,
             writing: false,
-        })
+        };
+        match dir.try_lock() {
+            Ok(()) => {
+                run_dir._lock = Some(dir);
+                Ok(Some(run_dir))
+            }
+            // Dropping `run_dir` removes the directory if this call made it.
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("cannot lock run directory {}", path.display()))
+            }
+        }
     }
 
     /// Every check has passed: from now on the run writes into the directory.
@@ -216,7 +231,14 @@ impl RunDir {
     /// Removes what a dead run without a checkpoint left behind, so that a new
     /// run starts its files fresh.
     pub fn clear_dead_run(&self) -> Result<()> {
-        for name in [METRICS, BEST, RESOLVED, HOLDER, crate::user_ranks::FILE] {
+        for name in [
+            METRICS,
+            BEST,
+            RESOLVED,
+            CONFIG_HASH,
+            HOLDER,
+            crate::user_ranks::FILE,
+        ] {
             let path = self.file(name);
             if path.exists() {
                 std::fs::remove_file(&path)
@@ -272,9 +294,20 @@ impl RunDir {
     }
 }
 
+/// A hash of everything in `cfg` that decides a run's numbers: every key but
+/// the location keys (`name`, `output_dir`), so that a run keeps its hash
+/// wherever its directory is. Stored as [`CONFIG_HASH`] in the run directory.
+pub fn config_hash(cfg: &Config) -> Result<String> {
+    let mut flat = flatten(cfg)?;
+    flat.retain(|k, _| !LOCATION_KEYS.contains(&k.as_str()));
+    Ok(llm_esr_prep::fsutil::sha256_bytes(
+        serde_json::to_string(&flat)?.as_bytes(),
+    ))
+}
+
 /// `key: old -> new` for every leaf that differs between two configs, the
 /// location keys excepted.
-fn differences(saved: &Config, new: &Config) -> Result<Vec<String>> {
+pub fn differences(saved: &Config, new: &Config) -> Result<Vec<String>> {
     let (a, b) = (flatten(saved)?, flatten(new)?);
     let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
     keys.sort();

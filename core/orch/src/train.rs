@@ -25,7 +25,7 @@ use crate::model::Recommender;
 use crate::optim::Adam;
 use crate::parallel::DataParallel;
 use crate::run_dir::RunDir;
-pub use crate::run_dir::{BEST, CHECKPOINT, METRICS, RESOLVED, RESULTS};
+pub use crate::run_dir::{BEST, CHECKPOINT, CONFIG_HASH, METRICS, RESOLVED, RESULTS};
 use crate::step::OnDataset;
 use crate::trainer::{EpochStats, StepOutcome, TrainSettings, Trainer};
 use crate::user_ranks::UserRanks;
@@ -64,15 +64,32 @@ pub fn train(
     opts: &TrainOptions,
     comm: &dyn Communicator,
 ) -> Result<serde_json::Value> {
-    let rank0 = comm.rank() == 0;
-    // Check the inputs before a run directory exists.
-    crate::data::check_prepared(&cfg.data_dir()?)?;
-    crate::assemble::check_artifacts_dir(cfg)?;
-    // The config against the dataset, the artifacts and memory.
-    let ds = crate::preflight::check(cfg)?;
     // Every check comes before the first write: a refused command leaves the
     // run directory as it was.
-    let mut run_dir = RunDir::lock(&cfg.run_dir()?, rank0)?;
+    let ds = checked_dataset(cfg)?;
+    let run_dir = RunDir::lock(&cfg.run_dir()?, comm.rank() == 0)?;
+    train_in(cfg, opts, comm, run_dir, ds)
+}
+
+/// The inputs of `cfg` checked before a run directory is touched: the
+/// prepared dataset, the artifacts, and the config against both and against
+/// memory. Returns the loaded dataset.
+pub fn checked_dataset(cfg: &Config) -> Result<Dataset> {
+    crate::data::check_prepared(&cfg.data_dir()?)?;
+    crate::assemble::check_artifacts_dir(cfg)?;
+    crate::preflight::check(cfg)
+}
+
+/// [`train`] in a run directory already locked by the caller (a sweep's
+/// queue), with the dataset checked by [`crate::preflight::check`].
+pub fn train_in(
+    cfg: &Config,
+    opts: &TrainOptions,
+    comm: &dyn Communicator,
+    mut run_dir: RunDir,
+    ds: Dataset,
+) -> Result<serde_json::Value> {
+    let rank0 = comm.rank() == 0;
     run_dir.check_start(opts.resume)?;
     let changes = if opts.resume {
         run_dir.check_resume_config(cfg, opts.force_config)?
@@ -95,6 +112,8 @@ pub fn train(
         }
         if !opts.resume || !changes.is_empty() {
             write_atomic(&run_dir.file(RESOLVED), cfg.to_yaml()?.as_bytes())?;
+            let hash = crate::run_dir::config_hash(cfg)?;
+            write_atomic(&run_dir.file(CONFIG_HASH), format!("{hash}\n").as_bytes())?;
         }
     }
     comm.barrier()?;
