@@ -17,7 +17,7 @@ use crate::ForwardCtx;
 pub mod composed;
 pub mod fused;
 
-pub use fused::{layer_norm, masked_softmax, softmax_last_dim};
+pub use fused::{bce_with_logits, layer_norm, masked_softmax, softmax_last_dim};
 
 /// Inverted dropout. One draw of `ctx.rng` per call; the mask element of row
 /// `r` at index `(i1, .., ik)` is a hash of that draw, the row's key

@@ -423,6 +423,128 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     )
 }
 
+// -------------------------------------------------------- BCE with logits
+
+/// `log(1 + exp(x))` without overflow.
+fn softplus(x: f32) -> f32 {
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
+
+/// `1 / (1 + exp(-x))` without overflow.
+fn sigmoid(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// `(sum(w * softplus(-pos)) + sum(w * softplus(neg))) / count`, a scalar.
+struct BceWithLogits {
+    count: f64,
+}
+
+impl CustomOp3 for BceWithLogits {
+    fn name(&self) -> &'static str {
+        "fused-bce-with-logits"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        if l1.dims() != l2.dims() || l1.dims() != l3.dims() {
+            bail!(
+                "{name}: positive {:?}, negative {:?} and weight {:?} logits differ in shape",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let pos = contiguous(cpu_f32(s1, name)?, l1);
+        let neg = contiguous(cpu_f32(s2, name)?, l2);
+        let w = contiguous(cpu_f32(s3, name)?, l3);
+        // Summed in f64: one rounding for the whole batch instead of one per
+        // element of a long f32 sum.
+        let mut sum = 0f64;
+        for ((&p, &n), &wv) in pos.iter().zip(neg.iter()).zip(w.iter()) {
+            sum += (wv * (softplus(-p) + softplus(n))) as f64;
+        }
+        Ok((
+            CpuStorage::F32(vec![(sum / self.count) as f32]),
+            Shape::from(()),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        pos: &Tensor,
+        neg: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let name = self.name();
+        let g = grad.to_scalar::<f32>()? as f64 / self.count;
+        let g = g as f32;
+        let (pv, nv, wv) = (View::of(pos), View::of(neg), View::of(weight));
+        let (p, n, w) = (pv.data(name)?, nv.data(name)?, wv.data(name)?);
+        let dev = pos.device();
+        // d softplus(x) / dx = sigmoid(x), so d softplus(-p) / dp = -sigmoid(-p).
+        let dpos = (pos.track_op())
+            .then(|| {
+                let d = p
+                    .iter()
+                    .zip(w.iter())
+                    .map(|(&x, &wv)| -sigmoid(-x) * wv * g)
+                    .collect();
+                Tensor::from_vec(d, pos.shape(), dev)
+            })
+            .transpose()?;
+        let dneg = (neg.track_op())
+            .then(|| {
+                let d = n
+                    .iter()
+                    .zip(w.iter())
+                    .map(|(&x, &wv)| sigmoid(x) * wv * g)
+                    .collect();
+                Tensor::from_vec(d, neg.shape(), dev)
+            })
+            .transpose()?;
+        let dweight = (weight.track_op())
+            .then(|| {
+                let d = p
+                    .iter()
+                    .zip(n.iter())
+                    .map(|(&a, &b)| (softplus(-a) + softplus(b)) * g)
+                    .collect();
+                Tensor::from_vec(d, weight.shape(), dev)
+            })
+            .transpose()?;
+        Ok((dpos, dneg, dweight))
+    }
+}
+
+/// BCE with logits for one negative per target, as the official code: the
+/// log-loss of the positive logits plus that of the negative logits, weighted
+/// by `weight` (1 at targets, 0 at padding), summed and divided by `count`.
+/// A scalar. The fused gradient is the exact `sigmoid`; the composed one is 0
+/// at a logit of exactly 0 (relu' and abs' are 0 there), which only padding
+/// positions (weight 0) reach in practice.
+pub fn bce_with_logits(pos: &Tensor, neg: &Tensor, weight: &Tensor, count: f64) -> Result<Tensor> {
+    if !(fast(pos) && fast(neg) && fast(weight)) {
+        return composed::bce_with_logits(pos, neg, weight, count);
+    }
+    pos.apply_op3(neg, weight, BceWithLogits { count })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -720,6 +842,44 @@ mod tests {
             },
             &|t| masked_softmax(&t[0], scale, Some(&t[1])),
             &|t| composed::masked_softmax(&t[0], scale, Some(&t[1])),
+            1e-5,
+        )
+    }
+
+    #[test]
+    fn bce_with_logits_matches_the_composed_version() -> Result<()> {
+        for len in [1usize, 7, 6400] {
+            check(
+                &format!("bce with logits ({len})"),
+                &|| {
+                    let rng = &mut Rng::new(len as u64);
+                    // Some large logits (softplus in its linear range) and a
+                    // weight that is 0 at a third of the positions (padding).
+                    let w: Vec<f32> = (0..len).map(|i| (i % 3 != 2) as u8 as f32).collect();
+                    Ok(vec![
+                        Var::from_tensor(&randn(&[len], 6.0, rng)?)?,
+                        Var::from_tensor(&randn(&[len], 6.0, rng)?)?,
+                        Var::from_tensor(&Tensor::from_vec(w, len, &Device::Cpu)?)?,
+                    ])
+                },
+                &|t| bce_with_logits(&t[0], &t[1], &t[2], 0.7 * len as f64),
+                &|t| composed::bce_with_logits(&t[0], &t[1], &t[2], 0.7 * len as f64),
+                1e-5,
+            )?;
+        }
+        // Strided logits: (l, b) stored, (b, l) seen.
+        check(
+            "bce with logits, transposed",
+            &|| {
+                let rng = &mut Rng::new(11);
+                Ok(vec![
+                    Var::from_tensor(&randn(&[5, 4], 3.0, rng)?)?,
+                    Var::from_tensor(&randn(&[5, 4], 3.0, rng)?)?,
+                    Var::from_tensor(&randn(&[4, 5], 1.0, rng)?.abs()?)?,
+                ])
+            },
+            &|t| bce_with_logits(&t[0].t()?, &t[1].t()?, &t[2], 20.0),
+            &|t| composed::bce_with_logits(&t[0].t()?, &t[1].t()?, &t[2], 20.0),
             1e-5,
         )
     }
