@@ -408,17 +408,13 @@ pub fn last_position(encoded: &Tensor) -> Result<Tensor> {
 
 /// BCE with one negative per target, as the official code: the mean log-loss
 /// of the positives plus the mean log-loss of the negatives, each over the
-/// `count` positions where `weight` is 1. Uses softplus for stability.
+/// `count` positions where `weight` is 1. The runtime's fused kernel (softplus
+/// form, one graph node); `ops::composed::bce_with_logits` is the reference.
 pub fn bce_loss(
     pos_logits: &Tensor,
     neg_logits: &Tensor,
     weight: &Tensor,
     count: f64,
 ) -> Result<Tensor> {
-    let softplus = |x: &Tensor| -> Result<Tensor> {
-        Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
-    };
-    let pos = (softplus(&pos_logits.neg()?)? * weight)?.sum_all()?;
-    let neg = (softplus(neg_logits)? * weight)?.sum_all()?;
-    Ok(((pos + neg)? / count)?)
+    Ok(ops::bce_with_logits(pos_logits, neg_logits, weight, count)?)
 }

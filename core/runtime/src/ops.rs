@@ -2,29 +2,22 @@
 //!
 //! candle's fused `LayerNorm` (on contiguous input), `ops::layer_norm` and
 //! `ops::softmax_last_dim` have no backward pass: the graph silently stops there
-//! and upstream parameters never learn. These versions are composed of primitive
-//! operations that all have gradients.
+//! and upstream parameters never learn. [`composed`] builds them from primitive
+//! operations that all have gradients (the reference); [`fused`] has the same
+//! functions as single CPU kernels with hand-written backward passes, several
+//! times cheaper to train through. The functions exported here are the fused
+//! ones; they fall back to the composed ones off the CPU and for dtypes other
+//! than f32.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use crate::ForwardCtx;
 
-/// Softmax over the last dimension.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
+pub mod composed;
+pub mod fused;
 
-/// Layer normalisation over the last dimension with an affine transform.
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centred = x.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed.broadcast_mul(weight)?.broadcast_add(bias)
-}
+pub use fused::{bce_with_logits, layer_norm, masked_softmax, softmax_last_dim};
 
 /// Inverted dropout. One draw of `ctx.rng` per call; the mask element of row
 /// `r` at index `(i1, .., ik)` is a hash of that draw, the row's key

@@ -85,11 +85,10 @@ impl MultiHeadAttention {
         let q = project(query, 0)?;
         let k = project(kv, 1)?;
         let v = project(kv, 2)?;
-        let mut scores = (q.matmul(&k.t()?.contiguous()?)? / (dh as f64).sqrt())?;
-        if let Some(bias) = bias {
-            scores = scores.broadcast_add(bias)?;
-        }
-        let weights = ops::dropout(&ops::softmax_last_dim(&scores)?, self.dropout, ctx)?;
+        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        // Scale, mask and softmax in one kernel (one graph node, one backward).
+        let weights = ops::masked_softmax(&scores, 1.0 / (dh as f64).sqrt(), bias)?;
+        let weights = ops::dropout(&weights, self.dropout, ctx)?;
         let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;
         self.out_proj.forward(&out)
     }

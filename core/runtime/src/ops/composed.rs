@@ -1,0 +1,46 @@
+//! The composed reference versions of the fused kernels in [`super::fused`]:
+//! built from primitive candle ops that all have gradients, so candle's
+//! autograd differentiates them. They are what the fused kernels are tested
+//! against, and what runs on devices other than the CPU and on dtypes other
+//! than f32.
+
+use candle_core::{Result, Tensor, D};
+
+/// Softmax over the last dimension. A row that is all `-inf` gives NaN
+/// (`-inf - -inf`); the fused kernel gives zeros there.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// `softmax(scores * scale + bias)` over the last dimension; `bias`
+/// broadcasts to the shape of `scores`.
+pub fn masked_softmax(scores: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
+    let mut s = (scores * scale)?;
+    if let Some(bias) = bias {
+        s = s.broadcast_add(bias)?;
+    }
+    softmax_last_dim(&s)
+}
+
+/// Layer normalisation over the last dimension with an affine transform.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed.broadcast_mul(weight)?.broadcast_add(bias)
+}
+
+/// BCE with logits for one negative per target: `(sum(w * softplus(-pos)) +
+/// sum(w * softplus(neg))) / count`, a scalar. softplus is written
+/// `relu(x) + log(1 + exp(-|x|))`, which neither overflows nor loses the
+/// small values that `log(sigmoid)` rounds to zero.
+pub fn bce_with_logits(pos: &Tensor, neg: &Tensor, weight: &Tensor, count: f64) -> Result<Tensor> {
+    let softplus =
+        |x: &Tensor| -> Result<Tensor> { x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()? };
+    let pos = (softplus(&pos.neg()?)? * weight)?.sum_all()?;
+    let neg = (softplus(neg)? * weight)?.sum_all()?;
+    (pos + neg)? / count
+}
