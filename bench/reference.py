@@ -32,8 +32,10 @@ import os
 import random
 import resource
 import time
+import warnings
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # CPU only; the wheel's CUDA libraries stay idle
+warnings.filterwarnings("ignore", message="CUDA initialization")
 
 import numpy as np
 import torch
