@@ -230,3 +230,96 @@ fn test_user_groups_follow_test_users_by() {
     assert_eq!(users(&train, "valid"), users(&input, "valid"));
     assert_eq!(users(&input, "valid"), head(2));
 }
+
+/// `bench --prompts-out` belongs to `--what embed`; elsewhere it is refused
+/// as a usage error (exit 2) before anything runs.
+#[test]
+fn bench_prompts_out_needs_what_embed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "name: x\n");
+    let out = run_cli(
+        &["bench", &cfg, "--what", "eval", "--prompts-out", "p"],
+        &[],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--prompts-out goes with --what embed"),
+        "{stderr}"
+    );
+    let out = run_cli(&["bench", &cfg, "--what", "embed", "--users", "0"], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
+/// `bench --what embed` needs the item titles; without `item_text.tsv` it
+/// names the file.
+#[test]
+fn bench_embed_without_item_text_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("inter.txt"), "1 1\n1 2\n1 3\n2 2\n2 3\n2 1\n").unwrap();
+    let cfg = write_config(
+        tmp.path(),
+        &format!("name: x\ndata:\n  dir: {}\n", data.display()),
+    );
+    let out = run_cli(&["bench", &cfg, "--what", "embed", "--users", "2"], &[]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&data.join("item_text.tsv").display().to_string()),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// `bench --what embed` encodes the first N user prompts, writes them, and
+/// `--what eval` times a validation pass; both print their JSON.
+#[test]
+fn bench_times_embedding_and_evaluation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = std::env::var_os("LLM_ESR_MODELS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| llm_esr_tests::workspace_root().join("../shared/models"));
+    let cfg = write_config(
+        tmp.path(),
+        &format!(
+            "name: x\noutput_dir: {}\ndata:\n  dir: {}\n  max_len: 20\nembed:\n  model: {}\n",
+            tmp.path().display(),
+            dataset("beauty5_tiny").display(),
+            models.join("all-MiniLM-L6-v2").display()
+        ),
+    );
+    let prompts = tmp.path().join("prompts.jsonl");
+    let out = run_cli(
+        &[
+            "bench", &cfg, "--what", "embed", "--users", "3", "--steps", "1", "--warmup", "0",
+        ]
+        .into_iter()
+        .chain(["--prompts-out", prompts.to_str().unwrap()])
+        .collect::<Vec<_>>(),
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert_eq!(v["texts"], 3, "{v}");
+    assert!(v["median_ms"].as_f64().unwrap() > 0.0, "{v}");
+    let lines: Vec<String> = std::fs::read_to_string(&prompts)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().all(|p| p.starts_with("The user")), "{lines:?}");
+
+    let out = run_cli(
+        &[
+            "bench", &cfg, "--what", "eval", "--steps", "1", "--warmup", "0",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    assert!(v["users"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["median_pass_ms"].as_f64().unwrap() > 0.0, "{v}");
+}

@@ -104,17 +104,29 @@ pub enum Command {
         #[arg(long)]
         retry_failed: bool,
     },
-    /// Benchmark: median training-step time of a config (writes nothing).
+    /// Benchmark: median time of a training step (and the epoch it implies),
+    /// of an evaluation pass, or of encoding user prompts. Prints JSON;
+    /// writes nothing else (but `--prompts-out`).
     Bench {
         config: PathBuf,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
-        /// Timed steps, 1..=100000.
+        /// What to time: a training step, an evaluation pass over the
+        /// validation users, or encoding the first `--users` user prompts.
+        #[arg(long, value_enum, default_value = "step")]
+        what: crate::bench::What,
+        /// Timed repetitions (steps, passes or encodings), 1..=100000.
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         steps: u32,
-        /// Untimed steps first, 0..=100000.
+        /// Untimed repetitions first, 0..=100000.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=100_000))]
         warmup: u32,
+        /// With `--what embed`: encode the prompts of users 1..=N, 1..=10000000.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+        users: u32,
+        /// With `--what embed`: also write the prompts, one JSON string a line.
+        #[arg(long, value_name = "FILE")]
+        prompts_out: Option<PathBuf>,
     },
     /// Print the results of finished runs as one table (like the paper's Table 1).
     Report {
@@ -203,17 +215,53 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             config,
             set,
+            what,
             steps,
             warmup,
+            users,
+            prompts_out,
         } => {
+            use crate::bench::{Reps, What};
             let cfg = Config::load(&config, &set)?;
-            let comm = init_comm(&cfg.distributed.backend)?;
-            logging::init(cli.log_format, comm.rank());
-            let ds = crate::preflight::check(&cfg)?;
-            let out = crate::bench::run(&cfg, ds, comm.as_ref(), warmup as usize, steps as usize)?;
-            if comm.rank() == 0 {
-                println!("{}", serde_json::to_string(&out)?);
+            let reps = Reps {
+                warmup: warmup as usize,
+                timed: steps as usize,
+            };
+            if prompts_out.is_some() && what != What::Embed {
+                return Err(crate::config::config_error(
+                    "--prompts-out goes with --what embed (the prompts it encodes)",
+                ));
             }
+            let out = match what {
+                What::Embed => {
+                    logging::init(cli.log_format, 0);
+                    let mut embed = cfg.embed.clone();
+                    embed.model = expand_path("embed.model", &embed.model)?;
+                    let dir = cfg.data_dir()?;
+                    crate::bench::embed_users(
+                        &embed,
+                        &dir,
+                        users as usize,
+                        prompts_out.as_ref(),
+                        reps,
+                    )?
+                }
+                What::Step | What::Eval => {
+                    let comm = init_comm(&cfg.distributed.backend)?;
+                    logging::init(cli.log_format, comm.rank());
+                    let ds = crate::preflight::check(&cfg)?;
+                    let out = if what == What::Eval {
+                        crate::bench::eval_passes(&cfg, ds, comm.as_ref(), reps)?
+                    } else {
+                        crate::bench::steps(&cfg, ds, comm.as_ref(), reps)?
+                    };
+                    if comm.rank() != 0 {
+                        return Ok(());
+                    }
+                    out
+                }
+            };
+            println!("{}", serde_json::to_string(&out)?);
             Ok(())
         }
         Command::Prepare { config, set } => {
