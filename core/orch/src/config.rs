@@ -51,6 +51,18 @@ pub struct Config {
     pub prepare: PrepareConfig,
     /// Prepared dataset -> semantic artifacts (`llm-esr-orch embed`).
     pub embed: EmbedConfig,
+    /// Optional experiment tracking.
+    pub tracking: TrackingConfig,
+}
+
+/// Where a run also reports its progress.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackingConfig {
+    /// TensorBoard log directory: each run writes an event file into
+    /// `<dir>/<name>/` (training loss and validation metrics per epoch, test
+    /// metrics, the resolved config as text). `${VAR}` is expanded.
+    pub tensorboard: Option<String>,
 }
 
 impl Default for Config {
@@ -68,6 +80,7 @@ impl Default for Config {
             distributed: DistributedConfig::default(),
             prepare: PrepareConfig::default(),
             embed: EmbedConfig::default(),
+            tracking: TrackingConfig::default(),
         }
     }
 }

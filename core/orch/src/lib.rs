@@ -31,6 +31,7 @@ pub mod step;
 pub mod sweep;
 #[cfg(test)]
 mod testing;
+pub mod tracking;
 pub mod train;
 pub mod trainer;
 pub mod user_ranks;

@@ -33,7 +33,7 @@ pub const HOLDER: &str = "lock.json";
 pub const SCHEDULE_KEYS: [&str; 3] = ["train.epochs", "train.max_steps", "train.patience"];
 
 /// Keys that name the directory itself rather than the experiment.
-const LOCATION_KEYS: [&str; 2] = ["name", "output_dir"];
+const LOCATION_KEYS: [&str; 3] = ["name", "output_dir", "tracking.tensorboard"];
 
 /// Why `name` cannot be a run name, if it cannot: a run name is one normal
 /// path component, so the run directory stays inside `output_dir`.

@@ -27,6 +27,7 @@ use crate::parallel::DataParallel;
 use crate::run_dir::RunDir;
 pub use crate::run_dir::{BEST, CHECKPOINT, CONFIG_HASH, METRICS, RESOLVED, RESULTS};
 use crate::step::OnDataset;
+use crate::tracking::Tracker;
 use crate::trainer::{EpochStats, StepOutcome, TrainSettings, Trainer};
 use crate::user_ranks::UserRanks;
 
@@ -223,6 +224,7 @@ impl Run<'_> {
         self.dp.broadcast_parameters(self.trainer.vars())?;
 
         let samples = training_samples(&self.ds, self.model.objective())?;
+        let mut tracker = if rank0 { Tracker::open(cfg)? } else { None };
         let started = Instant::now();
         while state.epoch < cfg.train.epochs {
             let epoch = state.epoch;
@@ -271,6 +273,9 @@ impl Run<'_> {
                     "train_seconds": train_seconds,
                 });
                 append_line(&self.run_dir.join(METRICS), &line.to_string())?;
+                if let Some(t) = tracker.as_mut() {
+                    t.epoch(state.epoch, loss, &valid)?;
+                }
                 if cfg.train.checkpoint {
                     let (m, v) = adam.moments()?;
                     checkpoint::save(&ckpt, &self.vars, &m, &v, &state)?;
@@ -289,7 +294,7 @@ impl Run<'_> {
                 break;
             }
         }
-        self.finish(&state, started.elapsed().as_secs_f64())
+        self.finish(&state, started.elapsed().as_secs_f64(), tracker)
     }
 
     /// The model on its dataset, as the trainer sees it.
@@ -330,7 +335,12 @@ impl Run<'_> {
         &self.groupings[(split == Split::Test) as usize]
     }
 
-    fn finish(&self, state: &TrainState, seconds: f64) -> Result<serde_json::Value> {
+    fn finish(
+        &self,
+        state: &TrainState,
+        seconds: f64,
+        tracker: Option<Tracker>,
+    ) -> Result<serde_json::Value> {
         let best = self.run_dir.join(BEST);
         if !best.exists() {
             // Never score untrained parameters as a result.
@@ -365,6 +375,9 @@ impl Run<'_> {
         if self.dp.is_root() {
             // Before results.json, which marks the run finished.
             per_user.save(&self.run_dir.join(crate::user_ranks::FILE))?;
+            if let Some(mut t) = tracker {
+                t.test(state.epoch, &test)?;
+            }
             write_json(&self.run_dir.join(RESULTS), &results)?;
             info!(
                 "results written to {}",
