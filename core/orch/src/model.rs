@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use llm_esr_prep::Artifacts;
 use llm_esr_runtime::candle::{DType, Device, Module, Tensor, Var, D};
-use llm_esr_runtime::candle_nn::{self, VarBuilder};
+use llm_esr_runtime::candle_nn::VarBuilder;
 use llm_esr_runtime::ops;
 use llm_esr_runtime::params::{xavier_normal, ParamStore};
 use llm_esr_runtime::{
@@ -65,8 +65,8 @@ fn refused(key: &str, kind: &str, plugin: &str, e: anyhow::Error) -> anyhow::Err
 /// Frozen `E_se` and the trainable adapter that maps it to the hidden size.
 struct SemanticView {
     table: Tensor,
-    fc1: candle_nn::Linear,
-    fc2: candle_nn::Linear,
+    fc1: ops::Linear,
+    fc2: ops::Linear,
 }
 
 impl SemanticView {

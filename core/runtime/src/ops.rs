@@ -14,10 +14,12 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::ForwardCtx;
 
+pub mod attention;
 pub mod composed;
 pub mod fused;
 
-pub use fused::{bce_with_logits, layer_norm, masked_softmax, softmax_last_dim};
+pub use attention::attention;
+pub use fused::{bce_with_logits, bias_add, layer_norm, masked_softmax, softmax_last_dim};
 
 /// Inverted dropout. One draw of `ctx.rng` per call; the mask element of row
 /// `r` at index `(i1, .., ik)` is a hash of that draw, the row's key
@@ -25,33 +27,68 @@ pub use fused::{bce_with_logits, layer_norm, masked_softmax, softmax_last_dim};
 /// dimension. Left-padded sequences therefore keep their masks whatever the
 /// padded length, batch or rank shard they are in.
 pub fn dropout(x: &Tensor, p: f32, ctx: &mut ForwardCtx) -> Result<Tensor> {
-    if !ctx.train || p <= 0.0 {
-        return Ok(x.clone());
-    }
     let dims = x.dims();
     let Some((&rows, inner_dims)) = dims.split_first() else {
         candle_core::bail!("dropout of a scalar");
     };
-    if let Some(keys) = ctx.rows {
-        if keys.len() != rows {
-            candle_core::bail!(
-                "dropout: {} row keys for a batch of {rows} rows",
-                keys.len()
-            );
-        }
-    }
-    let call = ctx.rng.next_u64();
-    // Keep when the top 32 bits of the hash reach p * 2^32.
-    let threshold = (p as f64 * 4294967296.0) as u64;
-    let scale = 1.0 / (1.0 - p);
+    let Some(masks) = DropoutMasks::draw(p, rows, ctx)? else {
+        return Ok(x.clone());
+    };
     let inner: usize = inner_dims.iter().product();
     let mut mask = vec![0f32; rows * inner];
     for (r, row) in mask.chunks_mut(inner.max(1)).enumerate() {
-        let key = ctx.rows.map_or(r as u64, |k| k[r]);
-        fill_mask(child_hash(call, key), inner_dims, row, threshold, scale);
+        masks.fill_row(r, inner_dims, row);
     }
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x * mask
+}
+
+/// The dropout masks of one call: the call's draw, the row keys and the
+/// keep threshold. `fill_row` writes row `r`'s factors (0 or `1 / (1 - p)`),
+/// so that fused kernels draw exactly the masks that [`dropout`] draws.
+#[derive(Clone, Debug)]
+pub(crate) struct DropoutMasks {
+    call: u64,
+    keys: Option<Vec<u64>>,
+    threshold: u64,
+    scale: f32,
+}
+
+impl DropoutMasks {
+    /// `None` when nothing is dropped (evaluation, or `p <= 0`); else one
+    /// draw of `ctx.rng`, as one call of [`dropout`].
+    pub(crate) fn draw(p: f32, rows: usize, ctx: &mut ForwardCtx) -> Result<Option<Self>> {
+        if !ctx.train || p <= 0.0 {
+            return Ok(None);
+        }
+        if let Some(keys) = ctx.rows {
+            if keys.len() != rows {
+                candle_core::bail!(
+                    "dropout: {} row keys for a batch of {rows} rows",
+                    keys.len()
+                );
+            }
+        }
+        Ok(Some(DropoutMasks {
+            call: ctx.rng.next_u64(),
+            keys: ctx.rows.map(<[u64]>::to_vec),
+            // Keep when the top 32 bits of the hash reach p * 2^32.
+            threshold: (p as f64 * 4294967296.0) as u64,
+            scale: 1.0 / (1.0 - p),
+        }))
+    }
+
+    /// Row `r`'s mask over the dimensions `dims` after the first.
+    pub(crate) fn fill_row(&self, r: usize, dims: &[usize], out: &mut [f32]) {
+        let key = self.keys.as_ref().map_or(r as u64, |k| k[r]);
+        fill_mask(
+            child_hash(self.call, key),
+            dims,
+            out,
+            self.threshold,
+            self.scale,
+        );
+    }
 }
 
 /// SplitMix64's finaliser of `parent + (index + 1) * golden`.
@@ -105,6 +142,65 @@ impl Module for LayerNorm {
     }
 }
 
+/// `x @ w^T` for `x` of shape (.., in) and `w` of shape (out, in), as one
+/// 2-D matrix product over the rows of `x`. candle's `broadcast_matmul`
+/// (and `candle_nn::Linear` on strided 3-D input) broadcasts `w` over the
+/// batch, so its backward computes one weight gradient per batch row and sums
+/// them with a strided reduction: the attention's projections spent a large
+/// part of a training step's backward there.
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let Some((&input, lead)) = dims.split_last() else {
+        candle_core::bail!("matmul_t of a scalar");
+    };
+    let (out, w_in) = w.dims2()?;
+    if w_in != input {
+        candle_core::bail!("matmul_t: input {dims:?} and weight ({out}, {w_in}) do not fit");
+    }
+    if lead.len() == 1 {
+        return x.matmul(&w.t()?);
+    }
+    let rows: usize = lead.iter().product();
+    let mut shape = lead.to_vec();
+    shape.push(out);
+    x.reshape((rows, input))?.matmul(&w.t()?)?.reshape(shape)
+}
+
+/// A linear layer `x @ W^T + b` over any number of leading dimensions, with
+/// parameters named `weight` (out, in) and `bias` (out). Unlike
+/// `candle_nn::Linear` it multiplies as one 2-D product ([`matmul_t`]) for
+/// any layout and adds the bias with one fused kernel ([`bias_add`]), whose
+/// backward is a column sum instead of candle's generic broadcast reduction.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = matmul_t(x, &self.weight)?;
+        match &self.bias {
+            Some(b) => bias_add(&y, b),
+            None => Ok(y),
+        }
+    }
+}
+
 /// The `(out, in)` weight of a linear layer, Xavier-normal (torch's
 /// `xavier_normal_`), named `weight`.
 fn xavier_weight(vb: &VarBuilder, in_dim: usize, out_dim: usize) -> Result<Tensor> {
@@ -117,19 +213,14 @@ fn xavier_weight(vb: &VarBuilder, in_dim: usize, out_dim: usize) -> Result<Tenso
 
 /// A linear layer with Xavier-normal weights (torch's `xavier_normal_`) and zero
 /// bias; `x @ W^T + b` over any number of leading dimensions.
-pub fn linear_xavier(
-    vb: VarBuilder,
-    in_dim: usize,
-    out_dim: usize,
-    bias: bool,
-) -> Result<candle_nn::Linear> {
+pub fn linear_xavier(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
     let weight = xavier_weight(&vb, in_dim, out_dim)?;
     let bias = if bias {
         Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?)
     } else {
         None
     };
-    Ok(candle_nn::Linear::new(weight, bias))
+    Ok(Linear::new(weight, bias))
 }
 
 /// Positional embeddings (b, l, d) counted from the left, as the official
@@ -148,11 +239,7 @@ pub fn left_positions(table: &Tensor, mask: &Tensor) -> Result<Tensor> {
 /// A linear layer as the official code initialises it: Xavier-normal weight,
 /// and the bias left at torch's default U(-1/sqrt(in), 1/sqrt(in)) (the
 /// official `xavier_normal_` pass skips 1-D tensors).
-pub fn linear_torch_bias(
-    vb: VarBuilder,
-    in_dim: usize,
-    out_dim: usize,
-) -> Result<candle_nn::Linear> {
+pub fn linear_torch_bias(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
     let weight = xavier_weight(&vb, in_dim, out_dim)?;
     let bound = 1.0 / (in_dim as f64).sqrt();
     let bias = vb.get_with_hints(
@@ -163,7 +250,7 @@ pub fn linear_torch_bias(
             up: bound,
         },
     )?;
-    Ok(candle_nn::Linear::new(weight, Some(bias)))
+    Ok(Linear::new(weight, Some(bias)))
 }
 
 /// Turns a (b, l) 0/1 mask into an additive attention bias of shape (b, 1, 1, l):

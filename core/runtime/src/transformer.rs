@@ -37,8 +37,8 @@ pub struct EncoderConfig {
 
 /// torch-style multi-head attention (packed in-projection, out-projection).
 pub struct MultiHeadAttention {
-    in_proj: candle_nn::Linear,
-    out_proj: candle_nn::Linear,
+    in_proj: ops::Linear,
+    out_proj: ops::Linear,
     heads: usize,
     hidden: usize,
     dropout: f32,
@@ -53,7 +53,7 @@ impl MultiHeadAttention {
         )?;
         let b = vb.get_with_hints(3 * hidden, "in_proj.bias", Init::Const(0.0))?;
         Ok(MultiHeadAttention {
-            in_proj: candle_nn::Linear::new(w, Some(b)),
+            in_proj: ops::Linear::new(w, Some(b)),
             out_proj: ops::linear_xavier(vb.pp("out_proj"), hidden, hidden, true)?,
             heads,
             hidden,
@@ -69,34 +69,27 @@ impl MultiHeadAttention {
         bias: Option<&Tensor>,
         ctx: &mut ForwardCtx,
     ) -> Result<Tensor> {
-        let (b, l, d) = query.dims3()?;
-        let dh = d / self.heads;
+        let dh = query.dim(2)? / self.heads;
         let w = self.in_proj.weight();
         let bias_in = self.in_proj.bias().expect("in_proj has a bias");
         let project = |x: &Tensor, i: usize| -> Result<Tensor> {
             let wi = w.narrow(0, i * self.hidden, self.hidden)?;
             let bi = bias_in.narrow(0, i * self.hidden, self.hidden)?;
-            x.broadcast_matmul(&wi.t()?)?
-                .broadcast_add(&bi)?
-                .reshape((b, l, self.heads, dh))?
-                .transpose(1, 2)?
-                .contiguous()
+            ops::bias_add(&ops::matmul_t(x, &wi)?, &bi)
         };
         let q = project(query, 0)?;
         let k = project(kv, 1)?;
         let v = project(kv, 2)?;
-        let scores = q.matmul(&k.t()?.contiguous()?)?;
-        // Scale, mask and softmax in one kernel (one graph node, one backward).
-        let weights = ops::masked_softmax(&scores, 1.0 / (dh as f64).sqrt(), bias)?;
-        let weights = ops::dropout(&weights, self.dropout, ctx)?;
-        let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, l, d))?;
+        // Scale, mask, softmax, dropout and the weighted sum in one kernel.
+        let scale = 1.0 / (dh as f64).sqrt();
+        let out = ops::attention(&q, &k, &v, self.heads, scale, bias, self.dropout, ctx)?;
         self.out_proj.forward(&out)
     }
 }
 
 pub struct FeedForward {
-    fc1: candle_nn::Linear,
-    fc2: candle_nn::Linear,
+    fc1: ops::Linear,
+    fc2: ops::Linear,
     dropout: f32,
 }
 

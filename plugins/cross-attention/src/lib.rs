@@ -21,7 +21,7 @@
 //! output bias keeps torch's Linear default, uniform in +-1/sqrt(d).
 
 use llm_esr_runtime::candle::{Module, Result, Tensor, D};
-use llm_esr_runtime::candle_nn::{Linear, VarBuilder};
+use llm_esr_runtime::candle_nn::VarBuilder;
 use llm_esr_runtime::params::xavier_normal;
 use llm_esr_runtime::serde::Deserialize;
 use llm_esr_runtime::{export_plugin, ops, ForwardCtx, Fusion, FusionSpec};
@@ -45,7 +45,7 @@ pub struct CrossAttention {
     linear_q: Tensor,
     linear_k: Tensor,
     linear_v: Tensor,
-    linear_output: Linear,
+    linear_output: ops::Linear,
     heads: usize,
 }
 
@@ -74,7 +74,7 @@ impl CrossAttention {
         let (b, l, d) = x.dims3()?;
         let dh = d / self.heads;
         let split = |t: &Tensor, w: &Tensor| -> Result<Tensor> {
-            t.broadcast_matmul(&w.t()?)?
+            ops::matmul_t(t, w)?
                 .reshape((b, l, self.heads, dh))?
                 .transpose(1, 2)?
                 .contiguous()

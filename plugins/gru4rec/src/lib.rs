@@ -28,6 +28,7 @@
 use llm_esr_runtime::backbone::check_input;
 use llm_esr_runtime::candle::{Result, Tensor, D};
 use llm_esr_runtime::candle_nn::VarBuilder;
+use llm_esr_runtime::ops;
 use llm_esr_runtime::params::xavier_normal;
 use llm_esr_runtime::serde::Deserialize;
 use llm_esr_runtime::{
@@ -83,8 +84,7 @@ impl GruLayer {
             return Ok(x.clone());
         }
         // Input projections of all steps in one matmul, time-major: (l, b, 3d).
-        let gi = x
-            .broadcast_matmul(&self.weight_ih.t()?)?
+        let gi = ops::matmul_t(x, &self.weight_ih)?
             .transpose(0, 1)?
             .contiguous()?;
         let w_hh_t = self.weight_hh.t()?;

@@ -3,7 +3,7 @@
 //! layer and a LayerNorm. Dropout on the inputs.
 
 use llm_esr_runtime::candle::{Module, Result, Tensor, D};
-use llm_esr_runtime::candle_nn::{Linear, VarBuilder};
+use llm_esr_runtime::candle_nn::VarBuilder;
 use llm_esr_runtime::ops::{self, LayerNorm};
 use llm_esr_runtime::serde::Deserialize;
 use llm_esr_runtime::{
@@ -26,7 +26,7 @@ impl Default for Config {
 }
 
 pub struct MeanRec {
-    proj: Linear,
+    proj: ops::Linear,
     norm: LayerNorm,
     hidden: usize,
     dropout: f32,

@@ -6,6 +6,8 @@
 
 use candle_core::{Result, Tensor, D};
 
+use crate::ForwardCtx;
+
 /// Softmax over the last dimension. A row that is all `-inf` gives NaN
 /// (`-inf - -inf`); the fused kernel gives zeros there.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -43,4 +45,37 @@ pub fn bce_with_logits(pos: &Tensor, neg: &Tensor, weight: &Tensor, count: f64) 
     let pos = (softplus(&pos.neg()?)? * weight)?.sum_all()?;
     let neg = (softplus(neg)? * weight)?.sum_all()?;
     (pos + neg)? / count
+}
+
+/// `x + bias`, `bias` broadcast along the leading dimensions.
+pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.broadcast_add(bias)
+}
+
+/// Multi-head attention as separate graph nodes: the heads split out of `q`
+/// (b, lq, d) and `k`, `v` (b, lk, d), `masked_softmax(q k^T, scale, bias)`,
+/// dropout `p` on the weights, times `v`, the heads merged back (b, lq, d).
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    bias: Option<&Tensor>,
+    p: f32,
+    ctx: &mut ForwardCtx,
+) -> Result<Tensor> {
+    let (b, lq, d) = q.dims3()?;
+    let split = |x: &Tensor| -> Result<Tensor> {
+        let l = x.dim(1)?;
+        x.reshape((b, l, heads, d / heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+    let scores = q.matmul(&k.t()?.contiguous()?)?;
+    let weights = super::masked_softmax(&scores, scale, bias)?;
+    let weights = super::dropout(&weights, p, ctx)?;
+    weights.matmul(&v)?.transpose(1, 2)?.reshape((b, lq, d))
 }
