@@ -18,8 +18,10 @@ pub mod attention;
 pub mod composed;
 pub mod fused;
 
-pub use attention::attention;
-pub use fused::{bce_with_logits, bias_add, layer_norm, masked_softmax, softmax_last_dim};
+pub use attention::{attention, AttentionMask};
+pub use fused::{
+    bce_with_logits, bias_add, layer_norm, mask_rows, masked_softmax, softmax_last_dim,
+};
 
 /// Inverted dropout. One draw of `ctx.rng` per call; the mask element of row
 /// `r` at index `(i1, .., ik)` is a hash of that draw, the row's key
@@ -27,20 +29,42 @@ pub use fused::{bce_with_logits, bias_add, layer_norm, masked_softmax, softmax_l
 /// dimension. Left-padded sequences therefore keep their masks whatever the
 /// padded length, batch or rank shard they are in.
 pub fn dropout(x: &Tensor, p: f32, ctx: &mut ForwardCtx) -> Result<Tensor> {
+    dropout_then(x, p, ctx, false)
+}
+
+/// `relu(dropout(x))`: the same mask (the same draw) as [`dropout`], then
+/// the relu, in one fused node on the CPU.
+pub fn dropout_relu(x: &Tensor, p: f32, ctx: &mut ForwardCtx) -> Result<Tensor> {
+    dropout_then(x, p, ctx, true)
+}
+
+fn dropout_then(x: &Tensor, p: f32, ctx: &mut ForwardCtx, relu: bool) -> Result<Tensor> {
     let dims = x.dims();
     let Some((&rows, inner_dims)) = dims.split_first() else {
         candle_core::bail!("dropout of a scalar");
     };
     let Some(masks) = DropoutMasks::draw(p, rows, ctx)? else {
-        return Ok(x.clone());
+        return if relu { x.relu() } else { Ok(x.clone()) };
     };
     let inner: usize = inner_dims.iter().product();
     let mut mask = vec![0f32; rows * inner];
     for (r, row) in mask.chunks_mut(inner.max(1)).enumerate() {
         masks.fill_row(r, inner_dims, row);
     }
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x * mask
+    if fused::fast(x) {
+        // The same product, without a graph node for the constant mask.
+        return if relu {
+            fused::const_mul_relu(x, mask)
+        } else {
+            fused::const_mul(x, mask, 1)
+        };
+    }
+    let y = (x * Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)?;
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
+    }
 }
 
 /// The dropout masks of one call: the call's draw, the row keys and the
@@ -80,14 +104,28 @@ impl DropoutMasks {
 
     /// Row `r`'s mask over the dimensions `dims` after the first.
     pub(crate) fn fill_row(&self, r: usize, dims: &[usize], out: &mut [f32]) {
+        fill_mask(self.row_hash(r), dims, out, self.threshold, self.scale);
+    }
+
+    /// The hash that row `r`'s mask descends from: [`Self::child`] of it by
+    /// each index counted from the end of its dimension, then [`Self::factor`].
+    pub(crate) fn row_hash(&self, r: usize) -> u64 {
         let key = self.keys.as_ref().map_or(r as u64, |k| k[r]);
-        fill_mask(
-            child_hash(self.call, key),
-            dims,
-            out,
-            self.threshold,
-            self.scale,
-        );
+        child_hash(self.call, key)
+    }
+
+    /// The hash one dimension down, at `index_from_end`.
+    pub(crate) fn child(hash: u64, index_from_end: usize) -> u64 {
+        child_hash(hash, index_from_end as u64)
+    }
+
+    /// The factor of the element whose (last) hash is `hash`.
+    pub(crate) fn factor(&self, hash: u64) -> f32 {
+        if (hash >> 32) < self.threshold {
+            0.0
+        } else {
+            self.scale
+        }
     }
 }
 
@@ -312,6 +350,45 @@ mod tests {
         // Other keys, other masks.
         let other = dropout_mask(&[1, 3, 4], &[12], 7)?;
         assert_ne!(other.to_vec3::<f32>()?, alone.to_vec3::<f32>()?);
+        Ok(())
+    }
+
+    #[test]
+    fn fused_dropout_and_dropout_relu_match_the_product_with_the_mask() -> Result<()> {
+        let dev = Device::Cpu;
+        let keys: Vec<u64> = (0..4).collect();
+        let mask = dropout_mask(&[4, 5, 6], &keys, 9)?;
+        let mut rng = Rng::new(2);
+        let vals: Vec<f32> = (0..120).map(|_| rng.normal() as f32).collect();
+        let r = Tensor::from_vec(
+            (0..120).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<_>>(),
+            (4, 5, 6),
+            &dev,
+        )?;
+        for relu in [false, true] {
+            let x = Var::from_tensor(&Tensor::from_vec(vals.clone(), (4, 5, 6), &dev)?)?;
+            let mut rng = Rng::new(9);
+            let ctx = &mut ForwardCtx::new(true, &mut rng).with_rows(&keys);
+            let fused = if relu {
+                dropout_relu(x.as_tensor(), 0.25, ctx)?
+            } else {
+                dropout(x.as_tensor(), 0.25, ctx)?
+            };
+            let gf = (&fused * &r)?.sum_all()?.backward()?;
+            let y = Var::from_tensor(&Tensor::from_vec(vals.clone(), (4, 5, 6), &dev)?)?;
+            let mut composed = (y.as_tensor() * &mask)?;
+            if relu {
+                composed = composed.relu()?;
+            }
+            let gc = (&composed * &r)?.sum_all()?.backward()?;
+            let flat = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>());
+            assert_eq!(flat(&fused)?, flat(&composed)?, "relu {relu}: forward");
+            let (a, b) = (
+                gf.get(x.as_tensor()).unwrap(),
+                gc.get(y.as_tensor()).unwrap(),
+            );
+            assert_eq!(flat(a)?, flat(b)?, "relu {relu}: gradient");
+        }
         Ok(())
     }
 

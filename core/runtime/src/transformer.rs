@@ -61,12 +61,12 @@ impl MultiHeadAttention {
         })
     }
 
-    /// `query` and `kv` are (b, l, d); `bias` broadcasts to (b, h, l, l).
+    /// `query` and `kv` are (b, l, d).
     pub fn forward(
         &self,
         query: &Tensor,
         kv: &Tensor,
-        bias: Option<&Tensor>,
+        mask: ops::AttentionMask,
         ctx: &mut ForwardCtx,
     ) -> Result<Tensor> {
         let dh = query.dim(2)? / self.heads;
@@ -82,7 +82,7 @@ impl MultiHeadAttention {
         let v = project(kv, 2)?;
         // Scale, mask, softmax, dropout and the weighted sum in one kernel.
         let scale = 1.0 / (dh as f64).sqrt();
-        let out = ops::attention(&q, &k, &v, self.heads, scale, bias, self.dropout, ctx)?;
+        let out = ops::attention(&q, &k, &v, self.heads, scale, mask, self.dropout, ctx)?;
         self.out_proj.forward(&out)
     }
 }
@@ -105,7 +105,7 @@ impl FeedForward {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
-        let h = ops::dropout(&self.fc1.forward(x)?, self.dropout, ctx)?.relu()?;
+        let h = ops::dropout_relu(&self.fc1.forward(x)?, self.dropout, ctx)?;
         let h = ops::dropout(&self.fc2.forward(&h)?, self.dropout, ctx)?;
         h + x
     }
@@ -152,35 +152,21 @@ impl TransformerEncoder {
         })
     }
 
-    /// The additive attention bias implied by the config and the 0/1 `mask` (b, l).
-    fn attention_bias(&self, mask: &Tensor) -> Result<Option<Tensor>> {
-        let l = mask.dim(1)?;
-        let causal = match self.cfg.attention {
-            Attention::Causal => Some(ops::causal_bias(l, mask.device())?),
-            Attention::Bidirectional => None,
-        };
-        let padding = if self.cfg.key_padding_mask {
-            Some(ops::key_padding_bias(mask)?)
-        } else {
-            None
-        };
-        Ok(match (causal, padding) {
-            (Some(c), Some(p)) => Some(c.broadcast_add(&p)?),
-            (c, p) => c.or(p),
-        })
-    }
-
     /// `x` (b, l, d) already embedded; `mask` (b, l) 1 at items, 0 at padding.
     pub fn forward(&self, x: &Tensor, mask: &Tensor, ctx: &mut ForwardCtx) -> Result<Tensor> {
-        let keep = mask.unsqueeze(candle_core::D::Minus1)?;
-        let bias = self.attention_bias(mask)?;
-        let mut x = x.broadcast_mul(&keep)?;
+        let attention = ops::AttentionMask {
+            causal: self.cfg.attention == Attention::Causal,
+            keys: self.cfg.key_padding_mask.then_some(mask),
+            // Padding rows are zeroed after each block: skip them.
+            queries: Some(mask),
+        };
+        let mut x = ops::mask_rows(x, mask)?;
         for block in &self.blocks {
             let q = block.attn_norm.forward(&x)?;
-            let a = block.attn.forward(&q, &x, bias.as_ref(), ctx)?;
+            let a = block.attn.forward(&q, &x, attention, ctx)?;
             x = block.ffn_norm.forward(&(q + a)?)?;
-            x = block.ffn.forward(&x, ctx)?.broadcast_mul(&keep)?;
+            x = ops::mask_rows(&block.ffn.forward(&x, ctx)?, mask)?;
         }
-        self.last_norm.forward(&x)?.broadcast_mul(&keep)
+        ops::mask_rows(&self.last_norm.forward(&x)?, mask)
     }
 }

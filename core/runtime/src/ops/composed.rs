@@ -53,8 +53,9 @@ pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 }
 
 /// Multi-head attention as separate graph nodes: the heads split out of `q`
-/// (b, lq, d) and `k`, `v` (b, lk, d), `masked_softmax(q k^T, scale, bias)`,
-/// dropout `p` on the weights, times `v`, the heads merged back (b, lq, d).
+/// (b, lq, d) and `k`, `v` (b, lk, d), `masked_softmax(q k^T, scale, bias)`
+/// with the bias of `mask`, dropout `p` on the weights, times `v`, the heads
+/// merged back (b, lq, d), and the rows of padding queries zeroed.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &Tensor,
@@ -62,11 +63,12 @@ pub fn attention(
     v: &Tensor,
     heads: usize,
     scale: f64,
-    bias: Option<&Tensor>,
+    mask: super::AttentionMask,
     p: f32,
     ctx: &mut ForwardCtx,
 ) -> Result<Tensor> {
     let (b, lq, d) = q.dims3()?;
+    let lk = k.dim(1)?;
     let split = |x: &Tensor| -> Result<Tensor> {
         let l = x.dim(1)?;
         x.reshape((b, l, heads, d / heads))?
@@ -75,7 +77,12 @@ pub fn attention(
     };
     let (q, k, v) = (split(q)?, split(k)?, split(v)?);
     let scores = q.matmul(&k.t()?.contiguous()?)?;
-    let weights = super::masked_softmax(&scores, scale, bias)?;
+    let bias = mask.bias(lq, lk, scores.device())?;
+    let weights = masked_softmax(&scores, scale, bias.as_ref())?;
     let weights = super::dropout(&weights, p, ctx)?;
-    weights.matmul(&v)?.transpose(1, 2)?.reshape((b, lq, d))
+    let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, lq, d))?;
+    match mask.queries {
+        Some(m) => out.broadcast_mul(&m.to_dtype(out.dtype())?.unsqueeze(D::Minus1)?),
+        None => Ok(out),
+    }
 }

@@ -623,6 +623,117 @@ pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     x.apply_op2(bias, BiasAdd)
 }
 
+// ------------------------------------------------- constant multipliers
+
+/// `x * f` for factors that are constants (dropout masks, padding masks):
+/// element `i` is multiplied by `factors[i / inner]`. Composed, a product
+/// with a constant still computes the constant's gradient in the backward
+/// (a product, a zero tensor and a sum, and for a broadcast mask a strided
+/// reduction on top); here the backward is the one product the input needs.
+struct ConstMul {
+    factors: Vec<f32>,
+    inner: usize,
+    /// Then `max(., 0)`, with candle's gradient (1 where the product is >= 0).
+    relu: bool,
+}
+
+impl CustomOp1 for ConstMul {
+    fn name(&self) -> &'static str {
+        "fused-const-mul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let mut y = contiguous(cpu_f32(s, self.name())?, l).into_owned();
+        self.apply(&mut y)?;
+        if self.relu {
+            y.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let gv = View::of(grad);
+        let mut g = gv.data(self.name())?.into_owned();
+        if self.relu {
+            // Where x * f < 0 the gradient is 0 (f >= 0, so that is x < 0
+            // with f > 0, or never where f = 0).
+            let xv = View::of(arg);
+            let x = xv.data(self.name())?;
+            let mut t = x.into_owned();
+            self.apply(&mut t)?;
+            g.iter_mut().zip(&t).for_each(|(gv, &tv)| {
+                if tv < 0.0 {
+                    *gv = 0.0
+                }
+            });
+        }
+        self.apply(&mut g)?;
+        Ok(Some(Tensor::from_vec(g, arg.shape(), arg.device())?))
+    }
+}
+
+impl ConstMul {
+    fn apply(&self, y: &mut [f32]) -> Result<()> {
+        if y.len() != self.factors.len() * self.inner {
+            bail!(
+                "{}: {} factors of {} elements for {} elements",
+                self.name(),
+                self.factors.len(),
+                self.inner,
+                y.len()
+            );
+        }
+        if self.inner > 0 {
+            for (chunk, &f) in y.chunks_exact_mut(self.inner).zip(&self.factors) {
+                chunk.iter_mut().for_each(|v| *v *= f);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `x` times constant `factors`, one per run of `inner` consecutive
+/// elements (row-major); for `x` that can take the fused path.
+pub(super) fn const_mul(x: &Tensor, factors: Vec<f32>, inner: usize) -> Result<Tensor> {
+    x.apply_op1(ConstMul {
+        factors,
+        inner,
+        relu: false,
+    })
+}
+
+/// `relu(x * factors)`, the factors one per element (a dropout mask), with
+/// candle's relu gradient; for `x` that can take the fused path.
+pub(super) fn const_mul_relu(x: &Tensor, factors: Vec<f32>) -> Result<Tensor> {
+    x.apply_op1(ConstMul {
+        factors,
+        inner: 1,
+        relu: true,
+    })
+}
+
+/// `x` (.., n) with the rows where `mask` (the leading dims of `x`) is 0
+/// multiplied by 0 and the others by 1, as `x.broadcast_mul(mask[.., None])`
+/// does; `mask` is a constant (no gradient).
+pub fn mask_rows(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let Some((&n, lead)) = dims.split_last() else {
+        bail!("mask_rows of a scalar");
+    };
+    if mask.dims() != lead {
+        bail!("mask_rows: mask {:?} for rows {lead:?}", mask.dims());
+    }
+    if fast(x) && !mask.track_op() {
+        let factors = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        return const_mul(x, factors, n);
+    }
+    x.broadcast_mul(
+        &mask
+            .to_dtype(x.dtype())?
+            .unsqueeze(candle_core::D::Minus1)?,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -995,5 +1106,26 @@ mod tests {
             &|t| composed::bias_add(&t[0].t()?, &t[1]),
             1e-6,
         )
+    }
+
+    #[test]
+    fn mask_rows_matches_the_broadcast_product() -> Result<()> {
+        let mask = Tensor::from_vec(vec![1f32, 0., 1., 1., 0., 0.], (2, 3), &Device::Cpu)?;
+        check(
+            "mask rows",
+            &|| {
+                Ok(vec![Var::from_tensor(&randn(
+                    &[2, 3, 4],
+                    1.0,
+                    &mut Rng::new(3),
+                )?)?])
+            },
+            &|t| mask_rows(&t[0], &mask),
+            &|t| t[0].broadcast_mul(&mask.unsqueeze(2)?),
+            0.0,
+        )?;
+        let err = mask_rows(&mask, &mask).unwrap_err().to_string();
+        assert!(err.contains("mask [2, 3] for rows [2]"), "{err}");
+        Ok(())
     }
 }
