@@ -17,11 +17,13 @@ use crate::ForwardCtx;
 pub mod attention;
 pub mod composed;
 pub mod fused;
+pub mod matmul;
 
 pub use attention::{attention, AttentionMask};
 pub use fused::{
     bce_with_logits, bias_add, layer_norm, mask_rows, masked_softmax, softmax_last_dim,
 };
+pub use matmul::matmul_t;
 
 /// Inverted dropout. One draw of `ctx.rng` per call; the mask element of row
 /// `r` at index `(i1, .., ik)` is a hash of that draw, the row's key
@@ -178,30 +180,6 @@ impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         layer_norm(x, &self.weight, &self.bias, self.eps)
     }
-}
-
-/// `x @ w^T` for `x` of shape (.., in) and `w` of shape (out, in), as one
-/// 2-D matrix product over the rows of `x`. candle's `broadcast_matmul`
-/// (and `candle_nn::Linear` on strided 3-D input) broadcasts `w` over the
-/// batch, so its backward computes one weight gradient per batch row and sums
-/// them with a strided reduction: the attention's projections spent a large
-/// part of a training step's backward there.
-pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let dims = x.dims();
-    let Some((&input, lead)) = dims.split_last() else {
-        candle_core::bail!("matmul_t of a scalar");
-    };
-    let (out, w_in) = w.dims2()?;
-    if w_in != input {
-        candle_core::bail!("matmul_t: input {dims:?} and weight ({out}, {w_in}) do not fit");
-    }
-    if lead.len() == 1 {
-        return x.matmul(&w.t()?);
-    }
-    let rows: usize = lead.iter().product();
-    let mut shape = lead.to_vec();
-    shape.push(out);
-    x.reshape((rows, input))?.matmul(&w.t()?)?.reshape(shape)
 }
 
 /// A linear layer `x @ W^T + b` over any number of leading dimensions, with

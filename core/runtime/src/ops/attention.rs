@@ -26,9 +26,9 @@
 use std::sync::OnceLock;
 
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use gemm::{gemm, Parallelism};
 
 use super::fused::{contiguous, cpu_f32, fast, softmax_row, View};
+use super::matmul::{gemm_into as matmul, Mat};
 use super::{composed, DropoutMasks};
 use crate::ForwardCtx;
 
@@ -200,69 +200,6 @@ fn span(flags: &[bool]) -> Option<(usize, usize)> {
     let first = flags.iter().position(|&f| f)?;
     let last = flags.iter().rposition(|&f| f)?;
     Some((first, last + 1))
-}
-
-/// One matrix of a product: a slice that starts at its first element, with
-/// row and column strides.
-#[derive(Clone, Copy)]
-struct Mat<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-/// `dst (m, n) = lhs (m, k) @ rhs (k, n)`, `dst` with row stride `dst_rs`
-/// and column stride 1, overwritten. Bounds are checked here, once, so that
-/// the unchecked kernel never reads or writes outside the slices.
-fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], dst_rs: usize, lhs: Mat, rhs: Mat) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(
-        last(m, n, dst_rs, 1) < dst.len(),
-        "attention: destination bounds"
-    );
-    if k == 0 {
-        for i in 0..m {
-            dst[i * dst_rs..i * dst_rs + n].fill(0.0);
-        }
-        return;
-    }
-    assert!(
-        last(m, k, lhs.rs, lhs.cs) < lhs.data.len(),
-        "attention: lhs bounds"
-    );
-    assert!(
-        last(k, n, rhs.rs, rhs.cs) < rhs.data.len(),
-        "attention: rhs bounds"
-    );
-    // SAFETY: every index the kernel touches, (i * rs + j * cs) for i < rows
-    // and j < cols of each operand, was checked against its slice above;
-    // `dst` is exclusively borrowed and overlaps neither input.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            false,
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
 }
 
 impl Attention {
