@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use llm_esr_prep::Artifacts;
-use llm_esr_runtime::candle::{DType, Device, Tensor, Var, D};
+use llm_esr_runtime::candle::{DType, Device, Module, Tensor, Var, D};
 use llm_esr_runtime::candle_nn::VarBuilder;
 use llm_esr_runtime::ops;
 use llm_esr_runtime::params::{xavier_normal, ParamStore};
@@ -84,20 +84,33 @@ impl SemanticView {
     /// The adapted table (rows, d). The adapter acts row by row, so applying it
     /// once to the table and gathering equals applying it per position.
     ///
-    /// It is two linear layers with no activation between them (as the
-    /// official code), so `fc2(fc1(x)) = x (W2 W1)^T + (W2 b1 + b2)`: one
-    /// (d_llm -> d) map, composed once per step from the two trainable
-    /// layers, whose gradients flow back through the composition. The same
-    /// function with a tenth of the multiply-adds (d_llm * d per row instead
-    /// of d_llm * d_llm / 2 + d_llm / 2 * d); only the rounding of the sums
-    /// differs (relative 1e-7).
-    fn adapted(&self) -> Result<Tensor> {
-        let (w1, w2) = (self.fc1.weight(), self.fc2.weight());
-        let w = w2.matmul(w1)?;
-        let b1 = self.fc1.bias().context("the adapter's fc1 has a bias")?;
-        let b2 = self.fc2.bias().context("the adapter's fc2 has a bias")?;
-        let b = (w2.matmul(&b1.unsqueeze(1)?)?.squeeze(1)? + b2)?;
-        Ok(ops::bias_add(&ops::matmul_t(&self.table, &w)?, &b)?)
+    /// With `items` (sorted, distinct ids) only those rows are adapted and
+    /// the other rows are zero: a training step reads a few thousand of the
+    /// table's rows, and the adapter (d_llm x d_llm / 2 + d_llm / 2 x d
+    /// multiply-adds a row, forward and backward) was most of its cost. The
+    /// rows it adapts get the same values as in the whole table.
+    fn adapted(&self, items: Option<&[u32]>) -> Result<Tensor> {
+        let adapt = |x: &Tensor| -> Result<Tensor> { Ok(self.fc2.forward(&self.fc1.forward(x)?)?) };
+        let Some(items) = items else {
+            return adapt(&self.table);
+        };
+        let rows = self.table.dim(0)?;
+        let dev = self.table.device();
+        let mut slot = vec![items.len() as u32; rows];
+        for (k, &i) in items.iter().enumerate() {
+            let Some(s) = slot.get_mut(i as usize) else {
+                bail!("item {i} is outside the semantic table's {rows} rows");
+            };
+            *s = k as u32;
+        }
+        let picked = self
+            .table
+            .index_select(&Tensor::from_vec(items.to_vec(), items.len(), dev)?, 0)?;
+        let compact = adapt(&picked)?;
+        // Row r of the result: compact row slot[r], the zero row where r is unused.
+        let zero = Tensor::zeros((1, compact.dim(1)?), compact.dtype(), dev)?;
+        let with_zero = Tensor::cat(&[&compact, &zero], 0)?;
+        Ok(with_zero.index_select(&Tensor::from_vec(slot, rows, dev)?, 0)?)
     }
 }
 
@@ -281,13 +294,20 @@ impl Recommender {
         self.retrieval.as_ref().map(|r| r as &dyn Retrieval)
     }
 
-    /// The item tables of this step.
+    /// The item tables, every row.
     pub fn tables(&self) -> Result<Tables> {
+        self.tables_for(None)
+    }
+
+    /// The item tables of a step that reads only `items` (sorted, distinct
+    /// ids; `None`: every item): the semantic view adapts only those rows
+    /// (the others are zero), which is where most of a training step went.
+    pub fn tables_for(&self, items: Option<&[u32]>) -> Result<Tables> {
         let co = self.co_table.as_ref().map(|v| v.as_tensor().clone());
         let se = self
             .semantic
             .as_ref()
-            .map(SemanticView::adapted)
+            .map(|s| s.adapted(items))
             .transpose()?;
         let output = match (&co, &se, &self.fusion) {
             (Some(c), Some(s), Some(f)) => f.item_vector(c, s)?,

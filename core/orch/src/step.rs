@@ -110,6 +110,22 @@ impl Recommender {
         } = prepared;
         let dev = &self.device;
         let (b, l) = (padded.b, padded.l);
+        let users: Vec<UserIdx> = samples.iter().map(|s| s.user).collect();
+        let teachers = self
+            .retrieval()
+            .map(|r| crate::distill::Teachers::new(r, ds, &users))
+            .transpose()?;
+        // The items this step reads: inputs, targets, negatives, teachers' inputs.
+        let mut items: Vec<u32> = padded
+            .ids
+            .iter()
+            .chain(&targets.pos)
+            .chain(&targets.neg)
+            .copied()
+            .collect();
+        items.extend(teachers.iter().flat_map(|t| t.items()));
+        items.sort_unstable();
+        items.dedup();
         let ids = Tensor::from_vec(padded.ids, (b, l), dev)?;
         let mask = Tensor::from_vec(padded.mask, (b, l), dev)?;
         let weight: Vec<f32> = targets.pos.iter().map(|&p| (p != 0) as u8 as f32).collect();
@@ -121,7 +137,7 @@ impl Recommender {
         let rows: Vec<u64> = samples.iter().map(|&s| sample_key(s, copies)).collect();
         let mut rng = Rng::derive(s.seed ^ 0x64726f70, step);
         let mut ctx = ForwardCtx::new(true, &mut rng).with_rows(&rows);
-        let tables = self.tables()?;
+        let tables = self.tables_for(Some(&items))?;
         let states = self.encode(&tables, &ids, &mask, &mut ctx)?;
         let h = states.reshape((b * l, ()))?;
         let logits = |items: &Tensor| -> Result<Tensor> {
@@ -133,14 +149,13 @@ impl Recommender {
             &weight,
             global.targets.max(1.0),
         )?;
-        let Some(retrieval) = self.retrieval() else {
+        let (Some(retrieval), Some(teachers)) = (self.retrieval(), teachers) else {
             return Ok(Loss {
                 ranking,
                 auxiliary: None,
             });
         };
-        let users: Vec<UserIdx> = samples.iter().map(|s| s.user).collect();
-        let teacher = crate::distill::teacher(self, retrieval, ds, &tables, &users, step)?;
+        let teacher = teachers.encode(self, &tables, step)?;
         let student = match s.student {
             StudentPass::Shared => last_position(&states)?,
             StudentPass::Second => {
