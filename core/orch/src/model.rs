@@ -451,3 +451,50 @@ pub fn bce_loss(
 ) -> Result<Tensor> {
     Ok(ops::bce_with_logits(pos_logits, neg_logits, weight, count)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llm_esr_runtime::testing::{max_abs_diff, randn};
+    use llm_esr_runtime::Rng;
+
+    /// The step's sub-table: the rows it adapts equal the whole table's
+    /// (within rounding: the products are blocked by their sizes), the others
+    /// are zero, and the adapter's weights get the same gradient.
+    #[test]
+    fn the_adapter_on_the_rows_a_step_reads_matches_the_whole_table() -> Result<()> {
+        let dev = Device::Cpu;
+        let table = randn(&[40, 24], 1.0, &mut Rng::new(5))?;
+        let store = ParamStore::new(3);
+        let view = SemanticView::load(store.var_builder(&dev).pp("adapter"), table, 8)?;
+        let items = [0u32, 3, 4, 17, 39];
+        let whole = view.adapted(None)?;
+        let sub = view.adapted(Some(&items))?;
+        let idx = Tensor::new(&items, &dev)?;
+        let (a, b) = (sub.index_select(&idx, 0)?, whole.index_select(&idx, 0)?);
+        assert!(max_abs_diff(&a, &b)? < 1e-6);
+        let others = Tensor::new(&[1u32, 2, 5, 38], &dev)?;
+        assert_eq!(
+            sub.index_select(&others, 0)?
+                .abs()?
+                .sum_all()?
+                .to_scalar::<f32>()?,
+            0.0
+        );
+        // Gradients of a loss that reads only those rows.
+        let r = randn(&[items.len(), 8], 1.0, &mut Rng::new(6))?;
+        let gw = (&b * &r)?.sum_all()?.backward()?;
+        let gs = (&a * &r)?.sum_all()?.backward()?;
+        for (name, var) in store.vars() {
+            let (x, y) = (gs.get(var.as_tensor()), gw.get(var.as_tensor()));
+            let (x, y) = (x.expect("a gradient"), y.expect("a gradient"));
+            assert!(max_abs_diff(x, y)? < 1e-5, "{name}");
+        }
+        let err = view.adapted(Some(&[40])).unwrap_err().to_string();
+        assert!(
+            err.contains("item 40 is outside the semantic table's 40 rows"),
+            "{err}"
+        );
+        Ok(())
+    }
+}

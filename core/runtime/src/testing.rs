@@ -1,5 +1,6 @@
-//! Helpers for testing plugins: left-padded random batches, extra left
-//! padding, and the largest difference between two tensors.
+//! Helpers for testing plugins and kernels: random tensors, left-padded
+//! random batches, extra left padding, and the largest difference between
+//! two tensors.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -54,4 +55,12 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
         .max_all()?
         .to_dtype(DType::F32)?
         .to_scalar::<f32>()
+}
+
+/// A (CPU) tensor of `shape` with normal entries of standard deviation
+/// `scale`, drawn from `rng`.
+pub fn randn(shape: &[usize], scale: f32, rng: &mut Rng) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32 * scale).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
 }

@@ -474,19 +474,9 @@ impl CustomOp3 for Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{max_abs_diff as max_diff, randn};
     use crate::Rng;
     use candle_core::{Device, Var};
-
-    fn randn(shape: &[usize], rng: &mut Rng) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-        assert_eq!(a.dims(), b.dims());
-        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
-    }
 
     /// A (b, l) 0/1 mask: row r has `items[r]` items, left-padded.
     fn left_padded(items: &[usize], l: usize) -> Result<Tensor> {
@@ -522,11 +512,11 @@ mod tests {
         } = c;
         let rng = &mut Rng::new((b * 1000 + lq * 100 + lk * 10 + heads) as u64);
         let inputs = [
-            randn(&[b, lq, d], rng)?,
-            randn(&[b, lk, d], rng)?,
-            randn(&[b, lk, d], rng)?,
+            randn(&[b, lq, d], 1.0, rng)?,
+            randn(&[b, lk, d], 1.0, rng)?,
+            randn(&[b, lk, d], 1.0, rng)?,
         ];
-        let r = randn(&[b, lq, d], rng)?;
+        let r = randn(&[b, lq, d], 1.0, rng)?;
         let run = |fused: bool| -> Result<(Tensor, Vec<Tensor>)> {
             let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
             let mut gen = Rng::new(7);
@@ -646,7 +636,7 @@ mod tests {
     fn takes_the_dropout_draw_of_the_composed_version() -> Result<()> {
         // After either path, the generator is in the same state.
         let rng = &mut Rng::new(3);
-        let x = randn(&[2, 4, 4], rng)?;
+        let x = randn(&[2, 4, 4], 1.0, rng)?;
         let mut a = Rng::new(1);
         let mut b = Rng::new(1);
         let mask = AttentionMask::default();
@@ -680,7 +670,7 @@ mod tests {
         let mut gen = Rng::new(1);
         let ctx = &mut ForwardCtx::new(false, &mut gen);
         let none = AttentionMask::default();
-        let (q, k) = (randn(&[2, 4, 6], rng)?, randn(&[2, 3, 5], rng)?);
+        let (q, k) = (randn(&[2, 4, 6], 1.0, rng)?, randn(&[2, 3, 5], 1.0, rng)?);
         let err = attention(&q, &k, &k, 1, 1.0, none, 0.0, ctx)
             .unwrap_err()
             .to_string();
@@ -689,7 +679,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("do not split into 4 heads"), "{err}");
-        let k6 = randn(&[2, 3, 6], rng)?;
+        let k6 = randn(&[2, 3, 6], 1.0, rng)?;
         let causal = AttentionMask {
             causal: true,
             ..none

@@ -740,11 +740,7 @@ mod tests {
     use crate::Rng;
     use candle_core::{Device, Var};
 
-    fn randn(shape: &[usize], scale: f32, rng: &mut Rng) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32 * scale).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
-    }
+    use crate::testing::randn;
 
     /// `max |a - b| <= tol * max(1, max |b|)`: absolute near 1, relative for
     /// the large gradients of zero-variance (padding) rows.

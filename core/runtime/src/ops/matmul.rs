@@ -237,19 +237,9 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{max_abs_diff as max_diff, randn};
     use crate::Rng;
-    use candle_core::{Device, Var};
-
-    fn randn(shape: &[usize], rng: &mut Rng) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.normal() as f32).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-        assert_eq!(a.dims(), b.dims());
-        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
-    }
+    use candle_core::Var;
 
     #[test]
     fn matches_candles_matmul_and_skips_constant_operands() -> Result<()> {
@@ -261,10 +251,10 @@ mod tests {
         ] {
             let mut xs = lead.clone();
             xs.push(input);
-            let (x0, w0) = (randn(&xs, rng)?, randn(&[out, input], rng)?);
+            let (x0, w0) = (randn(&xs, 1.0, rng)?, randn(&[out, input], 1.0, rng)?);
             let mut ys = lead.clone();
             ys.push(out);
-            let r = randn(&ys, rng)?;
+            let r = randn(&ys, 1.0, rng)?;
             for x_tracked in [true, false] {
                 let (xa, wa) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?);
                 let xa_t = if x_tracked {
@@ -294,8 +284,8 @@ mod tests {
             }
         }
         // A strided input (a transposed view) is read through its layout.
-        let x = randn(&[6, 4], rng)?;
-        let w = randn(&[3, 6], rng)?;
+        let x = randn(&[6, 4], 1.0, rng)?;
+        let w = randn(&[3, 6], 1.0, rng)?;
         let d = max_diff(&matmul_t(&x.t()?, &w)?, &x.t()?.matmul(&w.t()?)?)?;
         assert!(d < 1e-5, "{d}");
         let err = matmul_t(&x, &w).unwrap_err().to_string();
