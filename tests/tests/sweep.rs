@@ -88,6 +88,7 @@ fn every_run_once_then_resume_then_a_changed_run_is_refused() {
             assert!(dir.join(f).is_file(), "{name}: no {f}");
         }
     }
+    assert_sweep_report(&out.join("tiny/report"));
     let run = |n: &str| out.join("tiny/runs").join(n).join("results.json");
     let before: Vec<_> = names.iter().map(|n| modified(&run(n))).collect();
 
@@ -256,4 +257,155 @@ fn dry_run_lists_every_run_and_writes_nothing() {
         "{stdout}"
     );
     assert!(!out.exists());
+}
+
+/// The rows of a summary CSV as (header, records); fields hold no commas.
+fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text
+        .lines()
+        .map(|l| l.split(',').map(String::from).collect::<Vec<_>>());
+    let header = lines.next().unwrap();
+    (header, lines.collect())
+}
+
+fn assert_png_and_svg(dir: &Path, stem: &str) {
+    let png = std::fs::read(dir.join(format!("{stem}.png"))).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 1000,
+        "{stem}.png"
+    );
+    let svg = std::fs::read_to_string(dir.join(format!("{stem}.svg"))).unwrap();
+    assert!(svg.contains("<svg"), "{stem}.svg");
+}
+
+/// The sweep's report: a row per grid point with mean and std over the two
+/// seeds of every metric, p-values against the baseline, and the plots.
+fn assert_sweep_report(dir: &Path) {
+    let (header, rows) = read_csv(&dir.join("summary.csv"));
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    let at = |k: &str| {
+        header
+            .iter()
+            .position(|h| h == k)
+            .unwrap_or_else(|| panic!("no {k}"))
+    };
+    let key = "test.tail_item.NDCG@10";
+    for row in &rows {
+        assert_eq!(row[at("seeds")], "42 43");
+        let mean: f64 = row[at(&format!("{key}.mean"))].parse().unwrap();
+        let std: f64 = row[at(&format!("{key}.std"))].parse().unwrap();
+        assert!((0.0..=1.0).contains(&mean) && std >= 0.0, "{row:?}");
+        let p = &row[at(&format!("{key}.p_ttest"))];
+        let w = &row[at(&format!("{key}.p_wilcoxon"))];
+        if row[at("variant")] == "tiny_0.2_64" {
+            assert_eq!(row[at("baseline")], "true");
+            assert!(p.is_empty() && w.is_empty(), "{row:?}");
+        } else {
+            for v in [p, w] {
+                let v: f64 = v
+                    .parse()
+                    .unwrap_or_else(|_| panic!("p-value `{v}`: {row:?}"));
+                assert!((0.0..=1.0).contains(&v), "{row:?}");
+            }
+        }
+    }
+    let md = std::fs::read_to_string(dir.join("summary.md")).unwrap();
+    assert!(md.contains("| tiny_0.2_64 (baseline) | 2 |"), "{md}");
+    let tex = std::fs::read_to_string(dir.join("summary.tex")).unwrap();
+    assert!(tex.contains("\\begin{tabular}"), "{tex}");
+    let plots = dir.join("plots");
+    for stem in [
+        "learning_curves",
+        "head_tail_NDCG10",
+        "head_tail_HR10",
+        "param_model_dropout",
+        "param_model_hidden",
+    ] {
+        assert_png_and_svg(&plots, stem);
+    }
+}
+
+#[test]
+fn report_summarises_sweeps_and_run_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = write_sweep(tmp.path(), "");
+    let small = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("model.hidden: [32, 64]", "model.hidden: [32]")
+        .replace("baseline: 0.2_64", "baseline: 0.2_32");
+    std::fs::write(&file, small).unwrap();
+    let out = tmp.path().join("out");
+    let o = sweep(&file, &out, &[]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let sweep_dir = out.join("tiny");
+    let (csv, tex, plots) = (
+        tmp.path().join("t.csv"),
+        tmp.path().join("t.tex"),
+        tmp.path().join("p"),
+    );
+    let (csv_s, tex_s, plots_s) = (
+        csv.display().to_string(),
+        tex.display().to_string(),
+        plots.display().to_string(),
+    );
+    let o = run_cli(
+        &[
+            "report",
+            &sweep_dir.display().to_string(),
+            "--baseline",
+            "tiny_0.5_32",
+            "--csv",
+            &csv_s,
+            "--latex",
+            &tex_s,
+            "--plots",
+            &plots_s,
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let stdout = text(&o.stdout);
+    assert!(
+        stdout.contains("| tiny_0.5_32 (baseline) | 2 |"),
+        "{stdout}"
+    );
+    let (header, rows) = read_csv(&csv);
+    let base = header.iter().position(|h| h == "baseline").unwrap();
+    let flags: Vec<&str> = rows.iter().map(|r| r[base].as_str()).collect();
+    assert_eq!(flags, ["false", "true"]);
+    assert!(tex.is_file());
+    assert_png_and_svg(&plots, "learning_curves");
+
+    // Run directories: the two seeds of one point make one variant.
+    let runs = sweep_dir.join("runs");
+    let dirs = [
+        runs.join("tiny_0.2_32_s42"),
+        runs.join("tiny_0.2_32_s43"),
+        runs.join("tiny_0.5_32_s42"),
+    ];
+    let mut args = vec!["report".to_string()];
+    args.extend(dirs.iter().map(|d| d.display().to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run_cli(&args, &[]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let stdout = text(&o.stdout);
+    assert!(
+        stdout.contains("| tiny_0.2_32 | 2 |") && stdout.contains("| tiny_0.5_32 | 1 |"),
+        "{stdout}"
+    );
+
+    let mut per_run = args.clone();
+    per_run.push("--per-run");
+    let o = run_cli(&per_run, &[]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).lines().count(), 5, "{}", text(&o.stdout));
+
+    let o = run_cli(&["report", &tmp.path().display().to_string()], &[]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("neither a finished run"),
+        "{}",
+        text(&o.stderr)
+    );
 }

@@ -128,12 +128,33 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         prompts_out: Option<PathBuf>,
     },
-    /// Print the results of finished runs as one table (like the paper's Table 1).
+    /// Summarise finished runs: variants (runs differing only by seed) with
+    /// mean +- std over seeds per long-tail group, paired tests against a
+    /// baseline; Markdown on stdout, CSV, LaTeX and plots on request.
     Report {
-        /// Run directories (each with a results.json).
-        runs: Vec<PathBuf>,
-        /// A Markdown table with every group, the best epoch and the minutes.
+        /// Run directories (with a results.json) and/or sweep directories
+        /// (with a sweep.json).
+        paths: Vec<PathBuf>,
+        /// The variant the others are tested against (default: the sweep's
+        /// `baseline`).
         #[arg(long)]
+        baseline: Option<String>,
+        /// Write the summary as CSV (means, stds, p-values, users).
+        #[arg(long, value_name = "FILE")]
+        csv: Option<PathBuf>,
+        /// Write the summary as a LaTeX (booktabs) table.
+        #[arg(long, value_name = "FILE")]
+        latex: Option<PathBuf>,
+        /// Draw learning curves, head/tail bars and hyper-parameter curves
+        /// (PNG and SVG) into this directory.
+        #[arg(long, value_name = "DIR")]
+        plots: Option<PathBuf>,
+        /// One row per run instead (no seeds grouped, no tests).
+        #[arg(long)]
+        per_run: bool,
+        /// With --per-run: a Markdown table with every group, the best epoch
+        /// and the minutes.
+        #[arg(long, requires = "per_run")]
         markdown: bool,
     },
 }
@@ -199,9 +220,9 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let result = crate::sweep::run(&sweep, &set, &opts, comm.as_ref());
             match result {
-                Ok(rows) => {
-                    if comm.rank() == 0 && !rows.is_empty() {
-                        print!("{}", crate::report::tables(&rows));
+                Ok(summary) => {
+                    if let Some(table) = summary {
+                        print!("{table}");
                     }
                     Ok(())
                 }
@@ -293,22 +314,41 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&out)?);
             Ok(())
         }
-        Command::Report { runs, markdown } => {
-            let mut rows = Vec::new();
-            for dir in runs {
-                let path = dir.join(train::RESULTS);
-                let text = std::fs::read_to_string(&path).with_context(|| {
-                    format!("cannot read {}: is it a finished run?", path.display())
-                })?;
-                let value: serde_json::Value = serde_json::from_str(&text)
-                    .with_context(|| format!("{} is not valid JSON", path.display()))?;
-                let name = value["name"].as_str().unwrap_or("?").to_string();
-                rows.push((name, value));
+        Command::Report {
+            paths,
+            baseline,
+            csv,
+            latex,
+            plots,
+            per_run,
+            markdown,
+        } => {
+            logging::init(cli.log_format, 0);
+            let collection = crate::report::Collection::load(&paths, baseline.as_deref())?;
+            if per_run {
+                let rows: Vec<(String, serde_json::Value)> = collection
+                    .variants
+                    .iter()
+                    .flat_map(|v| &v.runs)
+                    .map(|r| (r.name.clone(), r.results.clone()))
+                    .collect();
+                if markdown {
+                    print!("{}", crate::report::markdown(&rows));
+                } else {
+                    print!("{}", crate::report::tables(&rows));
+                }
+                return Ok(());
             }
-            if markdown {
-                print!("{}", crate::report::markdown(&rows));
-            } else {
-                print!("{}", crate::report::tables(&rows));
+            let out = crate::report::Outputs {
+                csv,
+                latex,
+                markdown: None,
+                plots,
+            };
+            let (summary, written) = crate::report::write(&collection, &out)?;
+            print!("{}", summary.markdown());
+            for path in written {
+                eprintln!("wrote {}", path.display());
             }
             Ok(())
         }

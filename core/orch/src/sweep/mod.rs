@@ -34,6 +34,9 @@ use queue::Queue;
 /// The plan, in the sweep directory.
 pub const PLAN_FILE: &str = "sweep.json";
 
+/// The report's directory in the sweep directory.
+pub const REPORT_DIR: &str = "report";
+
 #[derive(Debug, Clone)]
 pub struct SweepOptions {
     /// Ranks that train one run together (must divide the job's ranks).
@@ -169,20 +172,21 @@ impl Resolved {
     }
 }
 
-/// Runs the sweep at `path` on `comm`; returns (name, results) of every
-/// finished run, in plan order, on rank 0 (empty elsewhere).
+/// Runs the sweep at `path` on `comm` and writes its report; returns the
+/// summary table on rank 0 (`None` elsewhere, on a dry run, or when no run
+/// finished).
 pub fn run(
     path: &Path,
     extra: &[String],
     opts: &SweepOptions,
     comm: &dyn Communicator,
-) -> Result<Vec<(String, serde_json::Value)>> {
+) -> Result<Option<String>> {
     let sweep = Resolved::load(path, extra)?;
     if opts.dry_run {
         if comm.rank() == 0 {
             print!("{}", sweep.describe());
         }
-        return Ok(vec![]);
+        return Ok(None);
     }
     let k = opts.ranks_per_run;
     if k == 0 || !comm.size().is_multiple_of(k) {
@@ -228,9 +232,9 @@ pub fn run(
     train_queue(&sweep, &queue, opts, group.as_ref(), comm.size() / k)?;
     comm.barrier()?;
     if comm.rank() != 0 {
-        return Ok(vec![]);
+        return Ok(None);
     }
-    finished_results(&sweep, &queue)
+    write_report(&sweep, &queue)
 }
 
 /// This group's share of the sweep: claim, train, repeat.
@@ -322,22 +326,22 @@ fn set_aside(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// (name, results.json) of every finished run, in plan order; failed runs
-/// are reported, not returned.
-fn finished_results(sweep: &Resolved, queue: &Queue) -> Result<Vec<(String, serde_json::Value)>> {
-    let mut rows = Vec::new();
+/// The sweep's report in `<sweep dir>/report/` (summary.md, .csv, .tex and
+/// plots/), after naming the failed runs; returns the summary in Markdown,
+/// `None` when no run has finished.
+fn write_report(sweep: &Resolved, queue: &Queue) -> Result<Option<String>> {
     for p in &sweep.planned {
-        let path = queue.run_dir(&p.name).join(train::RESULTS);
         if queue.has_failed(&p.name) {
             warn!(run = %p.name, "failed: see {}", queue.run_dir(&p.name).join(queue::FAILED).display());
-            continue;
         }
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        let value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", path.display()))?;
-        rows.push((p.name.clone(), value));
     }
-    Ok(rows)
+    let collection = crate::report::Collection::load(std::slice::from_ref(&sweep.dir), None)?;
+    if collection.variants.is_empty() {
+        warn!("sweep {}: no finished run to report", sweep.file.name);
+        return Ok(None);
+    }
+    let dir = sweep.dir.join(REPORT_DIR);
+    let (summary, _) = crate::report::write(&collection, &crate::report::Outputs::all_in(&dir))?;
+    info!("sweep report: {}", dir.display());
+    Ok(Some(summary.markdown()))
 }
