@@ -131,3 +131,23 @@ fn a_killed_rank_ends_the_job_and_the_checkpoint_survives() {
         epochs_done as u64 + 1
     );
 }
+
+/// The communicator's own checks (all-reduce, broadcasts, split, and the
+/// NCCL bootstrap's exchange of an opaque 128-byte unique id over MPI, with
+/// its failure path) on two ranks and in one process.
+#[test]
+fn comm_selftest_passes_on_two_ranks_and_alone() {
+    let selftest = llm_esr_tests::artifact("comm-selftest");
+    let o = Command::new("mpirun")
+        .args(["-np", "2", "--oversubscribe", "--bind-to", "none"])
+        .arg(&selftest)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .output()
+        .unwrap();
+    let out = format!("{}{}", text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "{out}");
+    assert_eq!(out.matches("all checks passed").count(), 2, "{out}");
+    let o = Command::new(&selftest).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+}

@@ -31,6 +31,7 @@ mod mpi_comm;
 #[cfg(feature = "nccl")]
 mod nccl_comm;
 mod single;
+mod unique_id;
 
 use std::fmt;
 use std::str::FromStr;
@@ -41,6 +42,7 @@ pub use mpi_comm::MpiComm;
 #[cfg(feature = "nccl")]
 pub use nccl_comm::NcclComm;
 pub use single::SingleProcess;
+pub use unique_id::{share_unique_id, UNIQUE_ID_BYTES};
 
 /// A group of ranks that run collectives together.
 ///

@@ -118,31 +118,13 @@ impl NcclComm {
             ));
         }
 
-        // Rank 0 makes the unique id; an empty message tells the others it failed.
-        let mut id_bytes = Vec::new();
-        let mut id_error = None;
-        if mpi.rank() == 0 {
-            match guarded("ncclGetUniqueId", || {
+        let id = crate::share_unique_id(&mpi, || {
+            let id = guarded("ncclGetUniqueId", || {
                 Id::new().map_err(nccl("ncclGetUniqueId"))
-            }) {
-                Ok(id) => id_bytes = id.internal().iter().map(|&c| c as u8).collect(),
-                Err(e) => id_error = Some(e),
-            }
-        }
-        mpi.broadcast_bytes(&mut id_bytes, 0)?;
-        if let Some(e) = id_error {
-            return Err(e);
-        }
-        let mut internal: [c_char; 128] = [0; 128];
-        if id_bytes.len() != internal.len() {
-            return Err(CommError::new(
-                CommErrorKind::RemoteFailure,
-                "rank 0 could not create the NCCL unique id; see its error message",
-            ));
-        }
-        for (dst, src) in internal.iter_mut().zip(&id_bytes) {
-            *dst = *src as c_char;
-        }
+            })?;
+            Ok(id.internal().map(|c| c as u8))
+        })?;
+        let internal: [c_char; crate::UNIQUE_ID_BYTES] = id.map(|b| b as c_char);
 
         let (rank, size) = (mpi.rank(), mpi.size());
         let nccl_comm = guarded("ncclCommInitRank", || {

@@ -16,7 +16,9 @@
 
 use std::process::ExitCode;
 
-use llm_esr_comm::{init, Backend, Communicator};
+use llm_esr_comm::{
+    init, share_unique_id, Backend, CommError, CommErrorKind, Communicator, UNIQUE_ID_BYTES,
+};
 
 const USAGE: &str = "usage: comm-selftest [--backend auto|single|mpi|nccl] [--drill abort|panic]";
 
@@ -31,6 +33,30 @@ fn check(ok: bool, what: impl FnOnce() -> String) -> Result<(), String> {
     } else {
         Err(what())
     }
+}
+
+/// The NCCL bootstrap's exchange, with an opaque id: every rank gets rank
+/// 0's 128 bytes; when rank 0 cannot make one, it gets its own error and the
+/// others a remote failure, and nobody hangs.
+fn unique_id(comm: &dyn Communicator) -> Result<(), String> {
+    let rank = comm.rank();
+    let made: [u8; UNIQUE_ID_BYTES] = std::array::from_fn(|i| (i * 31 + 5) as u8);
+    let id = share_unique_id(comm, || Ok(made)).map_err(|e| e.to_string())?;
+    check(id == made, || {
+        format!("share_unique_id: rank {rank} got another id")
+    })?;
+    let failed = share_unique_id(comm, || {
+        Err(CommError::new(CommErrorKind::Device, "drill: no unique id"))
+    });
+    let want = if rank == 0 {
+        CommErrorKind::Device
+    } else {
+        CommErrorKind::RemoteFailure
+    };
+    check(
+        failed.as_ref().err().map(CommError::kind) == Some(want),
+        || format!("share_unique_id with a failing rank 0: rank {rank} got {failed:?}"),
+    )
 }
 
 fn checks(comm: &dyn Communicator) -> Result<(), String> {
@@ -89,6 +115,7 @@ fn checks(comm: &dyn Communicator) -> Result<(), String> {
         })?;
     }
 
+    unique_id(comm)?;
     comm.barrier().map_err(e)?;
 
     // A bad root is an error on every rank, not an abort or a hang.
