@@ -341,7 +341,15 @@ fn write_report(sweep: &Resolved, queue: &Queue) -> Result<Option<String>> {
         return Ok(None);
     }
     let dir = sweep.dir.join(REPORT_DIR);
-    let (summary, _) = crate::report::write(&collection, &crate::report::Outputs::all_in(&dir))?;
+    let (summary, _) = crate::report::write(&collection, &crate::report::Outputs::all_in(&dir))
+        .with_context(|| {
+            format!(
+                "the sweep's runs are kept, but its report could not be written to {}; fix the \
+                 cause and run `llm-esr-orch report {}`",
+                dir.display(),
+                sweep.dir.display()
+            )
+        })?;
     info!("sweep report: {}", dir.display());
     Ok(Some(summary.markdown()))
 }
